@@ -1,0 +1,321 @@
+"""Capture: residual streams of chosen layers and every MoE layer's routing, into a store.
+
+Residual streams are read with forward hooks on the selected decoder blocks only (all hidden
+states are never materialised); routing comes from the router adapter's hooks (Hugging Face
+backend) or from TransformerLens hooks (``backend="tl"``). Padding positions are dropped before
+anything is written. The run resumes after the last complete shard of an interrupted capture.
+
+Python API::
+
+    from routesae.capture import CaptureConfig, capture
+    store = capture(CaptureConfig(model="data/demo-moe", corpus="data/corpus", out="stores/demo"))
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from routesae.corpus import (
+    ContextBatch,
+    ContextBuilder,
+    CorpusConfig,
+    CorpusStats,
+    corpus_fingerprint,
+    iter_documents,
+)
+from routesae.layers import parse_layers
+from routesae.models.load import (
+    ModelConfig,
+    base_model,
+    config_hash,
+    decoder_layers,
+    first_device,
+    load_model,
+    resolve_dtype,
+)
+from routesae.models.routers import RoutingDecision, adapter_for
+from routesae.store import StoreWriter
+
+log = logging.getLogger(__name__)
+
+
+class CaptureError(ValueError):
+    """Capture cannot run as asked; the message says what to change."""
+
+
+@dataclass
+class CaptureConfig:
+    """Everything that decides what a capture writes (plus where and how fast)."""
+
+    model: str
+    corpus: str
+    out: str
+    layers: str = "auto"
+    backend: str = "hf"  # hf | tl
+    max_tokens: int | None = None
+    ctx: int = 256
+    batch_size: int = 8
+    dtype: str = "float32"
+    router_logits: bool = True
+    device: str = "auto"
+    device_map: str | None = None
+    text_field: str = "text"
+    domain_field: str = "domain"
+    split: str = "train"
+    packing: str = "pack"
+    seed: int = 0
+    shard_mb: float = 256.0
+    trust_remote_code: bool = False
+    progress: bool = True
+
+    def content_args(self) -> dict:
+        """The arguments that decide the store's content (a re-run must repeat them)."""
+        keep = ("model", "corpus", "layers", "backend", "max_tokens", "ctx", "batch_size", "dtype", "router_logits",
+                "text_field", "domain_field", "split", "packing", "seed", "shard_mb")
+        d = asdict(self)
+        return {k: d[k] for k in keep}
+
+
+# ---------------------------------------------------------------- forward runners
+
+
+class HFRunner:
+    """Hooks on a Hugging Face model: chosen blocks' outputs and the router adapter's decisions."""
+
+    def __init__(self, model, layers: list[int], want_logits: bool):
+        self.model = model
+        self.layers = layers
+        self.adapter = adapter_for(model)
+        self.moe_layers = self.adapter.moe_layers() if self.adapter else []
+        self._resid: dict[int, torch.Tensor] = {}
+        self._route: dict[int, RoutingDecision] = {}
+        self.handles = []
+        blocks = decoder_layers(model)
+        for layer in layers:
+            self.handles.append(blocks[layer].register_forward_hook(self._resid_hook(layer)))
+        for layer in self.moe_layers:
+            self.handles += self.adapter.attach(layer, self._emit, want_logits)
+
+    def _resid_hook(self, layer: int):
+        def hook(module, args, output):
+            self._resid[layer] = (output[0] if isinstance(output, tuple) else output).detach()
+        return hook
+
+    def _emit(self, layer: int, decision: RoutingDecision) -> None:
+        self._route[layer] = decision
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        self._resid.clear()
+        self._route.clear()
+        base_model(self.model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        resid = torch.stack([self._resid[i] for i in self.layers], dim=2)  # [B, T, L', d]
+        return resid.flatten(0, 1), dict(self._route)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class TLRunner:
+    """The same through a TransformerLens ``HookedTransformer`` (``run_with_cache``)."""
+
+    def __init__(self, model, layers: list[int], want_logits: bool):
+        from routesae.models import tl
+
+        self.model = model
+        self.layers = layers
+        self.want_logits = want_logits
+        self.moe_layers = tl.tl_moe_layers(model)
+        self._tl = tl
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        resid, route = self._tl.tl_capture_batch(self.model, input_ids, attention_mask, self.layers,
+                                                 self.moe_layers, self.want_logits)
+        return resid.flatten(0, 1), route
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _token_strings(tokenizer, vocab_size: int) -> np.ndarray:
+    """Decoded text of every token id (one decode per vocabulary entry, not per token)."""
+    n = max(vocab_size, len(tokenizer))
+    return np.array([tokenizer.decode([i]) for i in range(n)], dtype=object)
+
+
+def _router_arrays(route: dict[int, RoutingDecision], moe_layers: list[int], keep: torch.Tensor, k_max: int,
+                   extras: tuple[str, ...], want_logits: bool) -> dict[str, torch.Tensor]:
+    idx, wts, act, logits = [], [], [], []
+    extra: dict[str, list[torch.Tensor]] = {e: [] for e in extras}
+    for layer in moe_layers:
+        d = route[layer]
+        i, w = d.indices[keep].cpu(), d.weights[keep].float().cpu()
+        if i.shape[1] < k_max:  # variable-k: pad unused slots
+            pad = k_max - i.shape[1]
+            i = torch.nn.functional.pad(i, (0, pad), value=-1)
+            w = torch.nn.functional.pad(w, (0, pad), value=0.0)
+        idx.append(i)
+        wts.append(w)
+        act.append(d.n_active[keep].cpu())
+        if want_logits and d.logits is not None:
+            logits.append(d.logits[keep].float().cpu())
+        for e in extras:
+            extra[e].append(d.extra[e][keep].float().cpu())
+    out = {"indices": torch.stack(idx, 1).to(torch.int16), "weights": torch.stack(wts, 1).to(torch.float16),
+           "n_active": torch.stack(act, 1).to(torch.uint8)}
+    if logits:
+        out["logits"] = torch.stack(logits, 1).to(torch.float16)
+    for e, parts in extra.items():
+        out[e] = torch.stack(parts, 1).to(torch.float16)
+    return out
+
+
+def _open(cfg: CaptureConfig):
+    """Load the model for the chosen backend; return (model, tokenizer, runner_class, n_layers, d_model)."""
+    mcfg = ModelConfig(cfg.model, cfg.dtype, cfg.device, cfg.device_map, cfg.trust_remote_code)
+    if cfg.backend == "hf":
+        model, tok = load_model(mcfg)
+        conf = model.config
+        return model, tok, HFRunner, conf.num_hidden_layers, conf.hidden_size, conf
+    if cfg.backend == "tl":
+        from routesae.models.load import resolve_device
+        from routesae.models.tl import load_hooked_transformer
+
+        model = load_hooked_transformer(cfg.model, device=str(resolve_device(cfg.device)),
+                                        dtype=resolve_dtype(cfg.dtype))
+        from transformers import AutoConfig
+
+        conf = AutoConfig.from_pretrained(cfg.model)
+        return model, model.tokenizer, TLRunner, model.cfg.n_layers, model.cfg.d_model, conf
+    raise CaptureError(f"--backend {cfg.backend} unknown; use hf or tl")
+
+
+# ---------------------------------------------------------------- the capture loop
+
+
+def capture(cfg: CaptureConfig, on_shard: Callable[[dict], None] | None = None) -> Path:
+    """Run a capture (or resume one) and return the store folder."""
+    model, tok, runner_cls, n_layers, d_model, conf = _open(cfg)
+    if tok is None:
+        raise CaptureError(f"no tokenizer found with model '{cfg.model}'; put tokenizer files in the checkpoint folder")
+    layers = parse_layers(cfg.layers, n_layers)
+    runner = runner_cls(model, layers, cfg.router_logits)
+    adapter = getattr(runner, "adapter", None)
+    n_experts = adapter.num_experts() if adapter else (getattr(model.cfg, "num_experts", None) if cfg.backend == "tl"
+                                                       else None)
+    k_max = adapter.top_k() if adapter else (getattr(model.cfg, "experts_per_token", None) if cfg.backend == "tl"
+                                             else None)
+    extras = adapter.extra_fields() if adapter else ()
+    header = {
+        "model": {"name_or_path": cfg.model, "config_hash": config_hash(model) if cfg.backend == "hf" else None,
+                  "architecture": (getattr(conf, "architectures", None) or [type(model).__name__])[0],
+                  "model_type": getattr(conf, "model_type", None), "vocab_size": int(conf.vocab_size)},
+        "d_model": int(d_model), "n_layers": int(n_layers), "layers": layers, "moe_layers": runner.moe_layers,
+        "n_experts": n_experts, "top_k": k_max, "router_extras": list(extras), "router_logits": cfg.router_logits,
+        "dtype": cfg.dtype, "ctx": cfg.ctx, "bos_token_id": getattr(tok, "bos_token_id", None),
+        "corpus": {"path": cfg.corpus, "fingerprint": corpus_fingerprint(CorpusConfig(cfg.corpus))},
+        "layer_numbering": "layer i = output of decoder block i = HF hidden_states[i+1]",
+    }
+    writer = StoreWriter(cfg.out, header, cfg.content_args())
+    if writer.complete:
+        log.info("store %s is complete (%d tokens); nothing to do", cfg.out, writer.tokens_done)
+        runner.close()
+        return Path(cfg.out)
+
+    bytes_per_token = len(layers) * d_model * torch.finfo(resolve_dtype(cfg.dtype)).bits // 8
+    shard_tokens = max(int(cfg.shard_mb * 2**20 / bytes_per_token), cfg.ctx)
+    stats = CorpusStats()
+    docs = iter_documents(CorpusConfig(cfg.corpus, cfg.text_field, cfg.domain_field, cfg.split, seed=cfg.seed), stats)
+    builder = ContextBuilder(tok, cfg.ctx, cfg.packing)
+    token_text = _token_strings(tok, int(conf.vocab_size))
+    device = first_device(model)
+
+    buf_resid: list[torch.Tensor] = []
+    buf_router: list[dict[str, torch.Tensor]] = []
+    buf_tokens: list[pd.DataFrame] = []
+    buffered = 0
+    total = writer.tokens_done
+
+    def flush(contexts_end: int) -> None:
+        nonlocal buffered
+        if not buffered:
+            return
+        router = ({k: torch.cat([r[k] for r in buf_router]) for k in buf_router[0]} if buf_router else None)
+        shard = writer.write_shard(torch.cat(buf_resid), router, pd.concat(buf_tokens, ignore_index=True),
+                                   contexts_end)
+        buf_resid.clear(), buf_router.clear(), buf_tokens.clear()
+        buffered = 0
+        if on_shard:
+            on_shard(shard)
+
+    bar = _progress(cfg, total)
+    try:
+        last_end = writer.contexts_done
+        for batch in builder.batches(docs, cfg.batch_size, skip_contexts=writer.contexts_done):
+            if cfg.max_tokens is not None and total >= cfg.max_tokens:
+                break
+            resid, route = runner(torch.from_numpy(batch.input_ids).to(device),
+                                  torch.from_numpy(batch.attention_mask).to(device))
+            keep = torch.from_numpy(batch.attention_mask.reshape(-1).astype(bool)).to(resid.device)
+            if cfg.max_tokens is not None:  # trim the last batch to exactly max_tokens
+                room = cfg.max_tokens - total
+                pos = torch.cumsum(keep.long(), 0)
+                keep &= pos <= room
+            n = int(keep.sum())
+            buf_resid.append(resid[keep].cpu())
+            if runner.moe_layers:
+                buf_router.append(_router_arrays(route, runner.moe_layers, keep, k_max, extras, cfg.router_logits))
+            buf_tokens.append(_token_rows(batch, builder, token_text, keep.cpu().numpy()))
+            buffered += n
+            total += n
+            last_end = int(batch.context_index[-1]) + 1
+            bar.update(n)
+            if buffered >= shard_tokens:
+                flush(last_end)
+        flush(last_end)
+        writer.finish(corpus_stats={"documents_read": stats.documents, "skipped_non_utf8": stats.skipped_lines,
+                                    "skipped_empty": stats.skipped_empty})
+    finally:
+        bar.close()
+        runner.close()
+    if writer.tokens_done == 0:
+        raise CaptureError(f"capture wrote no tokens into {cfg.out}; check --max-tokens and the corpus")
+    return Path(cfg.out)
+
+
+def _token_rows(batch: ContextBatch, builder: ContextBuilder, token_text: np.ndarray, keep: np.ndarray) -> pd.DataFrame:
+    ids = batch.input_ids.reshape(-1)[keep]
+    doc_index = batch.doc_index.reshape(-1)[keep]
+    b, t = batch.input_ids.shape
+    ctx_pos = np.tile(np.arange(t, dtype=np.int32), b)[keep]
+    context = np.repeat(batch.context_index, t)[keep]
+    doc_ids = np.asarray(builder.doc_ids, dtype=object)
+    domains = np.asarray(builder.doc_domains, dtype=object)
+    return pd.DataFrame({
+        "token_id": ids.astype(np.int32),
+        "token": token_text[ids],
+        "doc_id": doc_ids[doc_index],
+        "position": batch.position.reshape(-1)[keep],
+        "ctx_pos": ctx_pos,
+        "context": context,
+        "domain": domains[doc_index],
+    })
+
+
+def _progress(cfg: CaptureConfig, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.max_tokens, initial=initial, unit="tok", unit_scale=True, desc="capture",
+                disable=not cfg.progress, dynamic_ncols=True)

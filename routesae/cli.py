@@ -1,0 +1,116 @@
+"""The ``routesae`` command line: a thin layer over the Python API.
+
+Each command parses options, builds the stage's config dataclass and calls the stage. Errors
+that users can fix (bad paths, bad options) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(
+    name="routesae",
+    help="Interpret Mixture-of-Experts language models: capture residuals and routing, train RouteSAE, "
+         "analyse expert specialisation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+zoo_app = typer.Typer(help="Models the project builds itself (the demo MoE).", no_args_is_help=True)
+data_app = typer.Typer(help="The embedded demo corpus.", no_args_is_help=True)
+store_app = typer.Typer(help="Inspect and check activation stores.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+app.add_typer(data_app, name="data")
+app.add_typer(store_app, name="store")
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, FileExistsError)
+
+
+@app.command()
+def capture(
+    model: str = typer.Argument(..., help="Checkpoint folder (or hub name when online)."),
+    corpus: str = typer.Argument(..., help="JSONL[.gz] file, folder of shards or <domain>/*.txt, or HF dataset."),
+    out: Path = typer.Option(..., "--out", "-o", help="Store folder to create (or resume)."),
+    layers: str = typer.Option("auto", help="auto (RouteSAE range L//4-1..3L//4-1), all, A:B or i,j,k; "
+                                            "layer i = output of block i."),
+    backend: str = typer.Option("hf", help="hf (Hugging Face hooks) or tl (TransformerLens)."),
+    max_tokens: int | None = typer.Option(None, help="Stop after this many (non-padding) tokens."),
+    ctx: int = typer.Option(256, help="Context length in tokens."),
+    batch_size: int = typer.Option(8, help="Contexts per forward pass."),
+    dtype: str = typer.Option("float32", help="float32, float16 or bfloat16 (model and stored residuals)."),
+    router_logits: bool = typer.Option(True, "--router-logits/--no-router-logits", help="Store full router logits."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    device_map: str | None = typer.Option(None, help="Passed to Hugging Face, e.g. auto for multi-GPU models."),
+    text_field: str = typer.Option("text", help="JSON field / column with the text."),
+    domain_field: str = typer.Option("domain", help="JSON field / column with the domain label."),
+    split: str = typer.Option("train", help="Corpus split (shard prefix or HF split)."),
+    packing: str = typer.Option("pack", help="pack documents into contexts, or pad each document."),
+    shard_mb: float = typer.Option(256.0, help="Target size of one activation shard in MiB."),
+    seed: int = typer.Option(0, help="Seed of the document shuffle."),
+    trust_remote_code: bool = typer.Option(False, help="Allow custom model code from the checkpoint."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Capture residual streams and router decisions into a sharded, resumable store."""
+    from routesae.capture import CaptureConfig
+    from routesae.capture import capture as run_capture
+    from routesae.store import Store
+
+    cfg = CaptureConfig(model=model, corpus=corpus, out=str(out), layers=layers, backend=backend,
+                        max_tokens=max_tokens, ctx=ctx, batch_size=batch_size, dtype=dtype,
+                        router_logits=router_logits, device=device, device_map=device_map, text_field=text_field,
+                        domain_field=domain_field, split=split, packing=packing, shard_mb=shard_mb, seed=seed,
+                        trust_remote_code=trust_remote_code, progress=not quiet)
+    try:
+        path = run_capture(cfg)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    s = Store(path)
+    typer.echo(f"store {path}: {s.n_tokens:,} tokens, layers {s.layers}, {len(s.moe_layers)} MoE layers, "
+               f"{len(s.shards)} shard(s)")
+
+
+@store_app.command("info")
+def store_info(store: Path = typer.Argument(..., help="Store folder.")) -> None:
+    """Print what a store holds."""
+    from routesae.store import Store
+
+    try:
+        s = Store(store)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    m = s.manifest
+    typer.echo(f"model      {m['model']['name_or_path']} ({m['model']['architecture']})")
+    typer.echo(f"tokens     {s.n_tokens:,} in {len(s.shards)} shard(s); complete: {m['complete']}")
+    typer.echo(f"layers     {s.layers} of {m['n_layers']} (d_model {s.d_model})")
+    typer.echo(f"moe layers {s.moe_layers} ({m.get('n_experts')} experts, top-{m.get('top_k')})")
+
+
+@store_app.command("verify")
+def store_verify(store: Path = typer.Argument(..., help="Store folder.")) -> None:
+    """Re-hash every shard against the manifest."""
+    from routesae.store import Store
+
+    try:
+        Store(store).verify()
+    except USER_ERRORS as exc:
+        _fail(exc)
+    typer.echo(f"{store}: all shards match their sha256")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    app()
+
+
+if __name__ == "__main__":
+    main()

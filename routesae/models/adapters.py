@@ -1,0 +1,228 @@
+"""Router adapters for the Hugging Face (transformers v5) MoE families.
+
+In transformers v5 all supported families share one shape of MoE block::
+
+    logits, weights, indices = block.<router>(x)     # weights: after renormalisation and scaling
+    y = block.experts(x, indices, weights)           # what the model actually applies
+
+so :class:`HFMoEAdapter` hooks three modules per MoE layer:
+
+- a forward pre-hook on ``block.experts``: its inputs are the indices and weights exactly as the
+  model applied them (falls back to the router's outputs if a fused kernel skips the module);
+- a forward hook on the router (``block.gate`` / ``block.router``): the raw router logits
+  (output 0, the same tensor HF's ``output_router_logits`` records);
+- a forward hook on the block itself, which emits one :class:`RoutingDecision` per forward.
+
+Adding a family whose block looks like this is one small class: set ``model_types`` and, where
+they differ, ``block_attr``, ``router_attr``, ``experts_key`` and :meth:`HFMoEAdapter.is_moe_layer`,
+then decorate it with ``@register``. Families with another block shape override :meth:`attach`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from routesae.models.load import decoder_layers
+from routesae.models.routers import RouterAdapter, RoutingDecision, register
+
+Emit = Callable[[int, RoutingDecision], None]
+
+# names the experts' forward uses for (indices, weights) across families
+_INDEX_KW = ("top_k_index", "router_indices", "selected_experts", "topk_indices")
+_WEIGHT_KW = ("top_k_weights", "routing_weights", "topk_weights", "router_scores")
+
+
+def _experts_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, weights) from the call ``experts(hidden, indices, weights)``, positional or named."""
+    def pick(pos: int, names: tuple[str, ...]) -> torch.Tensor:
+        if len(args) > pos:
+            return args[pos]
+        for name in names:
+            if name in kwargs:
+                return kwargs[name]
+        raise KeyError(f"experts call has none of {names}")
+
+    return pick(1, _INDEX_KW), pick(2, _WEIGHT_KW)
+
+
+class HFMoEAdapter(RouterAdapter):
+    """Common base: ``layers[i].<block_attr>`` holds ``<router_attr>`` and ``experts``."""
+
+    block_attr: ClassVar[str] = "mlp"
+    router_attr: ClassVar[str] = "gate"
+    experts_attr: ClassVar[str] = "experts"
+    experts_key: ClassVar[str] = "num_experts"  # config field holding E
+
+    # ---- layout -------------------------------------------------------------------------
+    def is_moe_layer(self, i: int) -> bool:
+        """Config rule for whether block ``i`` is a routed MoE (default: every block)."""
+        return True
+
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.config.num_hidden_layers) if self.is_moe_layer(i)]
+
+    def num_experts(self) -> int:
+        return int(getattr(self.config, self.experts_key))
+
+    def top_k(self) -> int:
+        return int(self.config.num_experts_per_tok)
+
+    def moe_block(self, layer: int) -> nn.Module:
+        block = getattr(decoder_layers(self.model)[layer], self.block_attr)
+        if not hasattr(block, self.router_attr):
+            raise ValueError(f"layer {layer} of this {self.name} model is not an MoE layer; "
+                             f"MoE layers: {self.moe_layers()}")
+        return block
+
+    # ---- hooks --------------------------------------------------------------------------
+    def attach(self, layer: int, emit: Emit, want_logits: bool = True) -> list[RemovableHandle]:
+        block = self.moe_block(layer)
+        router = getattr(block, self.router_attr)
+        experts = getattr(block, self.experts_attr)
+        state: dict[str, torch.Tensor] = {}
+
+        def on_block_start(module, args):
+            state.clear()
+
+        def on_router(module, args, out):
+            logits, weights, indices = out[0], out[1], out[2]
+            state.setdefault("indices", indices)  # replaced by the experts' inputs below
+            state.setdefault("weights", weights)
+            if want_logits:
+                state["logits"] = logits
+
+        def on_experts(module, args, kwargs):
+            state["indices"], state["weights"] = _experts_inputs(args, kwargs)
+
+        def on_block_end(module, args, out):
+            if "indices" not in state:
+                raise RuntimeError(f"{self.name} layer {layer}: the router hook did not fire")
+            extra = {k: state[k] for k in self.extra_fields()}
+            emit(layer, self.decision(state["indices"], state["weights"], state.get("logits"), extra))
+            state.clear()
+
+        handles = [
+            block.register_forward_pre_hook(on_block_start),
+            router.register_forward_hook(on_router),
+            experts.register_forward_pre_hook(on_experts, with_kwargs=True),
+        ]
+        handles += self.attach_extra(block, state)
+        handles.append(block.register_forward_hook(on_block_end))
+        return handles
+
+    def attach_extra(self, block: nn.Module, state: dict) -> list[RemovableHandle]:
+        """Hooks filling ``state[name]`` for each name in :meth:`extra_fields` ([n] per token)."""
+        return []
+
+    def decision(self, indices: torch.Tensor, weights: torch.Tensor,
+                 logits: torch.Tensor | None, extra: dict[str, torch.Tensor]) -> RoutingDecision:
+        """Normalise dtypes and shapes: [n, k_max] int64 / float32, -1 and 0 in unused slots.
+
+        An index < 0 marks an unused slot; an index >= E (a "zero-computation" expert) is kept
+        with its weight but not counted in ``n_active``.
+        """
+        n_experts, k_max = self.num_experts(), self.top_k()
+        idx = indices.detach().reshape(-1, indices.shape[-1]).to(torch.int64)
+        w = weights.detach().reshape(idx.shape).to(torch.float32)
+        if idx.shape[1] < k_max:  # a router that returned fewer slots: pad
+            pad = k_max - idx.shape[1]
+            idx = torch.nn.functional.pad(idx, (0, pad), value=-1)
+            w = torch.nn.functional.pad(w, (0, pad), value=0.0)
+        unused = idx < 0
+        idx = idx.masked_fill(unused, -1)
+        w = w.masked_fill(unused, 0.0)
+        n_active = ((idx >= 0) & (idx < n_experts)).sum(-1)
+        if logits is not None:
+            logits = logits.detach().reshape(idx.shape[0], -1).to(torch.float32)
+        extra = {k: v.detach().reshape(idx.shape[0]).to(torch.float32) for k, v in extra.items()}
+        return RoutingDecision(idx, w, n_active, logits, extra)
+
+
+@register
+class OlmoeAdapter(HFMoEAdapter):
+    """OLMoE: softmax over all experts, top-k, renormalised only if ``norm_topk_prob``."""
+
+    model_types = ("olmoe",)
+
+
+@register
+class MixtralAdapter(HFMoEAdapter):
+    """Mixtral: softmax, top-k, always renormalised."""
+
+    model_types = ("mixtral",)
+    experts_key = "num_local_experts"
+
+
+class _QwenMoeAdapter(HFMoEAdapter):
+    """Qwen MoE layout: ``mlp_only_layers`` and ``decoder_sparse_step`` pick the MoE blocks."""
+
+    def is_moe_layer(self, i: int) -> bool:
+        c = self.config
+        only_mlp = c.mlp_only_layers or []
+        return i not in only_mlp and c.num_experts > 0 and (i + 1) % c.decoder_sparse_step == 0
+
+
+@register
+class Qwen2MoeAdapter(_QwenMoeAdapter):
+    """Qwen2-MoE: softmax, top-k, ``norm_topk_prob``; plus a sigmoid-gated shared expert.
+
+    Extra ``shared_gate`` [n]: ``sigmoid(mlp.shared_expert_gate(x))``, the factor the shared
+    expert's output is multiplied by.
+    """
+
+    model_types = ("qwen2_moe",)
+
+    def extra_fields(self) -> tuple[str, ...]:
+        return ("shared_gate",)
+
+    def attach_extra(self, block, state):
+        def on_shared_gate(module, args, out):
+            state["shared_gate"] = torch.sigmoid(out.detach()).reshape(-1)
+
+        return [block.shared_expert_gate.register_forward_hook(on_shared_gate)]
+
+
+@register
+class Qwen3MoeAdapter(_QwenMoeAdapter):
+    """Qwen3-MoE: softmax, top-k, ``norm_topk_prob``; no shared expert."""
+
+    model_types = ("qwen3_moe",)
+
+
+@register
+class DeepseekV3Adapter(HFMoEAdapter):
+    """DeepSeek-V3: sigmoid scores; experts chosen by score + ``e_score_correction_bias`` within
+    the ``topk_group`` best of ``n_group`` groups; weights from the unbiased scores, normalised
+    (``norm_topk_prob``) and multiplied by ``routed_scaling_factor``. The first
+    ``first_k_dense_replace`` blocks are dense. Logits are the raw scores before the sigmoid.
+    """
+
+    model_types = ("deepseek_v3",)
+    experts_key = "n_routed_experts"
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i >= (self.config.first_k_dense_replace or 0)
+
+
+@register
+class GptOssAdapter(HFMoEAdapter):
+    """GPT-OSS: ``mlp.router`` (with bias); top-k on the logits, softmax over the k."""
+
+    model_types = ("gpt_oss",)
+    router_attr = "router"
+    experts_key = "num_local_experts"
+
+
+@register
+class GraniteMoeAdapter(HFMoEAdapter):
+    """Granite-MoE: ``block_sparse_moe.router``; top-k on the logits, softmax over the k."""
+
+    model_types = ("granitemoe",)
+    block_attr = "block_sparse_moe"
+    router_attr = "router"
+    experts_key = "num_local_experts"

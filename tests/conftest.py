@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny random checkpoints saved to disk (built from config classes, never mocked)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+DOCS = [
+    ("code", "def add(a, b):\n    return a + b\n\nclass Point:\n    def __init__(self, x, y):\n        self.x = x\n"),
+    ("prose", "The quick brown fox jumps over the lazy dog. It was a sunny day in the park, and the birds sang."),
+    ("math", "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."),
+    ("stories", "Once upon a time there was a little girl who loved the sea. Every day she walked to the shore."),
+    ("code", "for i in range(10):\n    print(i * i)\nwhile True:\n    break\n"),
+    ("prose", "In the beginning of the century the city grew quickly along the river banks."),
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """``tiny_ckpt(arch)`` -> folder of a saved tiny random model with tokenizer (cached per session)."""
+    from routesae.models.tiny import save_tiny
+
+    cache: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in cache:
+            cache[arch] = save_tiny(arch, tmp_path_factory.mktemp(f"ckpt-{arch}"))
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def corpus_jsonl(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    with open(path, "w") as f:
+        for i, (domain, text) in enumerate(DOCS * 3):
+            f.write(json.dumps({"text": text, "domain": domain, "doc_id": f"d{i}"}) + "\n")
+    return path
