@@ -79,6 +79,21 @@ def capture(
                f"{len(s.shards)} shard(s)")
 
 
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Folder for everything the demo makes."),
+    quick: bool = typer.Option(False, help="A smaller run (a quarter of the tokens)."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+) -> None:
+    """Run the main job on the embedded default (demo MoE + demo corpus) and say where the results are."""
+    from routesae.demo import DemoConfig, run_demo
+
+    try:
+        run_demo(DemoConfig(out=out, quick=quick, device=device), log=typer.echo)
+    except USER_ERRORS as exc:
+        _fail(exc)
+
+
 @store_app.command("info")
 def store_info(store: Path = typer.Argument(..., help="Store folder.")) -> None:
     """Print what a store holds."""
