@@ -50,6 +50,7 @@ class CorpusConfig:
     split: str = "train"
     default_domain: str = "all"
     shuffle: bool = True
+    shuffle_buffer: int = 10_000  # documents held for the streaming shuffle (bounded memory)
     seed: int = 0
     max_docs: int | None = None
 
@@ -115,15 +116,17 @@ def _read_jsonl(path: Path, cfg: CorpusConfig, stats: CorpusStats) -> Iterator[D
         yield Document(doc_id, str(obj[cfg.text_field]), str(domain))
 
 
-def _read_txt_folder(root: Path, stats: CorpusStats) -> Iterator[Document]:
-    for sub in sorted(d for d in root.iterdir() if d.is_dir()):
-        for f in sorted(sub.rglob("*.txt")):
-            try:
-                text = f.read_bytes().decode("utf-8")
-            except UnicodeDecodeError:
-                stats.skipped_lines += 1
-                continue
-            yield Document(f"{sub.name}/{f.relative_to(sub)}", text, sub.name)
+def _read_txt_folder(root: Path, stats: CorpusStats, cfg: CorpusConfig) -> Iterator[Document]:
+    files = [(sub, f) for sub in sorted(d for d in root.iterdir() if d.is_dir()) for f in sorted(sub.rglob("*.txt"))]
+    if cfg.shuffle:  # file names are cheap: shuffle them all, so domains mix whatever the buffer size
+        random.Random(cfg.seed).shuffle(files)
+    for sub, f in files:
+        try:
+            text = f.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            stats.skipped_lines += 1
+            continue
+        yield Document(f"{sub.name}/{f.relative_to(sub)}", text, sub.name)
 
 
 def _jsonl_files(root: Path, split: str) -> list[Path]:
@@ -166,7 +169,8 @@ def _read_hf(cfg: CorpusConfig, stats: CorpusStats) -> Iterator[Document]:
 
 
 def iter_documents(cfg: CorpusConfig, stats: CorpusStats | None = None) -> Iterator[Document]:
-    """Documents in a deterministic order (shuffled by ``cfg.seed`` when ``cfg.shuffle``)."""
+    """Documents in a deterministic order (shuffled by ``cfg.seed`` when ``cfg.shuffle``, see
+    :func:`_buffered_shuffle`)."""
     stats = stats if stats is not None else CorpusStats()
     p = Path(cfg.path)
     if cfg.path.startswith("hf:") or not p.exists():
@@ -185,15 +189,11 @@ def iter_documents(cfg: CorpusConfig, stats: CorpusStats | None = None) -> Itera
         if files:
             source = (d for f in files for d in _read_jsonl(f, cfg, stats))
         elif any(d.is_dir() for d in p.iterdir()):
-            source = _read_txt_folder(p, stats)
+            source = _read_txt_folder(p, stats, cfg)
         else:
             raise CorpusError(f"folder {p} holds no *.jsonl[.gz] files and no <domain>/*.txt folders")
 
-    docs: Iterable[Document] = source
-    if cfg.shuffle:
-        listed = list(source)
-        random.Random(cfg.seed).shuffle(listed)
-        docs = listed
+    docs = _buffered_shuffle(source, cfg.shuffle_buffer, cfg.seed) if cfg.shuffle else source
     n = 0
     for doc in docs:
         if not doc.text.strip():
@@ -209,6 +209,26 @@ def iter_documents(cfg: CorpusConfig, stats: CorpusStats | None = None) -> Itera
         log.warning("skipped %d line(s)/file(s) that are not valid UTF-8 in %s", stats.skipped_lines, cfg.path)
     if n == 0:
         raise CorpusError(f"corpus '{cfg.path}' has no non-empty documents; check the path, split and text field")
+
+
+def _buffered_shuffle(items: Iterable[Document], size: int, seed: int) -> Iterator[Document]:
+    """Streaming shuffle: hold ``size`` items, emit a random one as each new item arrives.
+
+    Memory stays bounded and reading stops as soon as the consumer does. Items far apart in a
+    source sorted by domain mix only within the buffer: shuffle such a file once beforehand, or
+    raise the buffer.
+    """
+    rng = random.Random(seed)
+    buf: list[Document] = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = rng.randrange(size)
+        yield buf[j]
+        buf[j] = item
+    rng.shuffle(buf)
+    yield from buf
 
 
 # ---------------------------------------------------------------- tokenising into contexts
