@@ -122,6 +122,27 @@ def store_verify(store: Path = typer.Argument(..., help="Store folder.")) -> Non
     typer.echo(f"{store}: all shards match their sha256")
 
 
+@zoo_app.command("train-lm")
+def zoo_train_lm(
+    corpus: str = typer.Argument("data/corpus", help="Corpus folder with train-*/val-* shards."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the trained model, card and checkpoints."),
+    preset: str = typer.Option("demo", help="demo (CPU, ~1 h on 2 cores), gpu (larger budget), tiny (tests)."),
+    resume: bool = typer.Option(False, help="Continue from OUT/checkpoint."),
+    tokenizer: str | None = typer.Option(None, help="Tokenizer folder (default: data/demo-moe)."),
+    max_tokens: int | None = typer.Option(None, help="Training token budget (overrides the preset)."),
+    device: str | None = typer.Option(None, help="cpu, cuda or auto."),
+) -> None:
+    """Train the small OLMoE the project ships as its demo model (data/demo-moe)."""
+    from routesae.zoo.train_lm import preset_config, train_lm
+
+    try:
+        path = train_lm(preset_config(preset, corpus, str(out), resume=resume, tokenizer=tokenizer,
+                                      max_tokens=max_tokens, device=device))
+    except USER_ERRORS as exc:
+        _fail(exc)
+    typer.echo(f"model saved in {path} (model card: {path / 'MODEL_CARD.md'})")
+
+
 @data_app.command("build-corpus")
 def data_build_corpus(
     out: Path = typer.Option(Path("data/corpus"), help="Corpus folder to write."),
