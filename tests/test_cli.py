@@ -1,5 +1,7 @@
 """The command line over the Python API (typer's runner, in process)."""
 
+import json
+
 from typer.testing import CliRunner
 
 from routesae.cli import app
@@ -33,3 +35,22 @@ def test_help_lists_commands():
     assert res.exit_code == 0
     for cmd in ("capture", "store", "zoo", "data"):
         assert cmd in res.output
+
+
+def test_train_from_the_command_line(tiny_ckpt, corpus_jsonl, tmp_path):
+    store = tmp_path / "s"
+    res = runner.invoke(app, ["capture", str(tiny_ckpt("olmoe")), str(corpus_jsonl), "--out", str(store),
+                              "--ctx", "32", "--layers", "all", "--device", "cpu", "-q"])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "run"
+    args = ["train", str(store), "--out", str(run), "--layers", "1:3", "--k", "4", "--latents", "64",
+            "--batch-tokens", "64", "--router", "ste", "--device", "cpu", "-q"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["layers"] == [1, 2, 3] and cfg["router"] == "ste" and cfg["n_latents"] == 64
+    assert (run / "metrics.jsonl").read_text().strip()
+    res = runner.invoke(app, args)  # the same run again without --resume: refused, nothing touched
+    assert res.exit_code == 2 and "--resume" in res.output
+    res = runner.invoke(app, ["train", str(store), "--out", str(tmp_path / "r2"), "--k", "99", "--latents", "64"])
+    assert res.exit_code == 2 and "larger than the latent count" in res.output
