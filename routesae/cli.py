@@ -144,6 +144,57 @@ def train(
     typer.echo(f"run {path}: sae.safetensors, metrics.jsonl; next: routesae evaluate {path}")
 
 
+@app.command()
+def evaluate(
+    run: Path = typer.Argument(..., help="Run folder made by `routesae train`."),
+    store: Path | None = typer.Option(None, help="Store to evaluate on (default: the run's training store)."),
+    model: str | None = typer.Option(None, help="Model for splicing (default: the store's model when local)."),
+    tokens: int | None = typer.Option(None, help="Evaluation tokens (default 100k or the whole store)."),
+    batch_tokens: int = typer.Option(4096, help="Tokens per batch."),
+    splice: bool = typer.Option(True, "--splice/--no-splice", help="Splice reconstructions into the model (CE, KL)."),
+    splice_contexts: int | None = typer.Option(None, help="At most this many contexts for splicing."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+) -> None:
+    """Reconstruction metrics (L0, NMSE, explained variance, dead/dense) and, with the model, CE/KL when
+    spliced; writes RUN/eval.json."""
+    from routesae.evaluate import EvalConfig
+    from routesae.evaluate import evaluate as run_eval
+
+    try:
+        res = run_eval(EvalConfig(run=str(run), store=str(store) if store else None, model=model, tokens=tokens,
+                                  batch_tokens=batch_tokens, splice=splice, splice_contexts=splice_contexts,
+                                  device=device))
+    except USER_ERRORS as exc:
+        _fail(exc)
+    sae = res["sae_space"]
+    typer.echo(f"L0 {sae['l0']:.1f}  NMSE {sae['nmse']:.4f}  explained variance {sae['explained_variance']:.4f}  "
+               f"dead {sae['dead_fraction']:.3f}")
+    sp = res.get("splice") or {}
+    if "ce_recovered" in sp:
+        typer.echo(f"CE clean {sp['ce_clean']:.4f}  spliced {sp['ce_spliced']:.4f}  "
+                   f"recovered {sp['ce_recovered']:.3f}  KL/token {sp['kl']:.4f}")
+    typer.echo(f"written {run / 'eval.json'}")
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="Run folder made by `routesae train`."),
+    to: str = typer.Option("saelens", help="Export format: saelens."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the export (one sub-folder per layer)."),
+) -> None:
+    """Export a trained SAE for other tools (SAELens: one folder per routed layer)."""
+    from routesae.export import export_saelens
+
+    if to != "saelens":
+        _fail(ValueError(f"--to {to} unknown; use saelens"))
+    try:
+        paths = export_saelens(run, out)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    for p in paths:
+        typer.echo(f"wrote {p}")
+
+
 @store_app.command("info")
 def store_info(store: Path = typer.Argument(..., help="Store folder.")) -> None:
     """Print what a store holds."""

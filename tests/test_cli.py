@@ -50,6 +50,13 @@ def test_train_from_the_command_line(tiny_ckpt, corpus_jsonl, tmp_path):
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["layers"] == [1, 2, 3] and cfg["router"] == "ste" and cfg["n_latents"] == 64
     assert (run / "metrics.jsonl").read_text().strip()
+    res = runner.invoke(app, ["evaluate", str(run), "--tokens", "128", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    ev = json.loads((run / "eval.json").read_text())
+    assert "NMSE" in res.output and "CE clean" in res.output and 0 <= ev["sae_space"]["nmse"] < 1
+    res = runner.invoke(app, ["export", str(run), "--to", "saelens", "--out", str(tmp_path / "sl")])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "sl").iterdir()) == [f"blocks.{i}.hook_resid_post" for i in (1, 2, 3)]
     res = runner.invoke(app, args)  # the same run again without --resume: refused, nothing touched
     assert res.exit_code == 2 and "--resume" in res.output
     res = runner.invoke(app, ["train", str(store), "--out", str(tmp_path / "r2"), "--k", "99", "--latents", "64"])
