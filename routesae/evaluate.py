@@ -33,9 +33,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from routesae.atomic import atomic_write_json
 from routesae.models.load import ModelConfig, decoder_layers, first_device, load_model, resolve_device
 from routesae.sae import SparseAutoencoder, load_sae
-from routesae.store import TOKENS_DIR, Store, StoreError, atomic_write_json
+from routesae.store import TOKENS_DIR, Store, StoreError
 
 log = logging.getLogger(__name__)
 DEFAULT_TOKENS = 100_000

@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as st_save
 
+from routesae.atomic import atomic_write_bytes
 from routesae.layers import tl_resid_hook
 from routesae.sae import SparseAutoencoder, load_sae
-from routesae.store import atomic_write_bytes
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"

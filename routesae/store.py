@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
+from routesae.atomic import atomic_path, atomic_write_bytes, atomic_write_json
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TOKENS_DIR = "tokens.parquet"
@@ -40,19 +41,6 @@ TOKENS_DIR = "tokens.parquet"
 
 class StoreError(ValueError):
     """A store that cannot be used as asked; the message says what to change."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 def _shard_name(kind: str, index: int, ext: str = "safetensors") -> str:
@@ -122,9 +110,8 @@ class StoreWriter:
         if router:
             put(_shard_name("router", index), st_save({k: v.contiguous() for k, v in router.items()}))
         tokens = tokens.assign(shard=np.int32(index), row=np.arange(n, dtype=np.int64))
-        tmp = self.root / TOKENS_DIR / f".part-{index:05d}.parquet.tmp-{os.getpid()}"
-        tokens.to_parquet(tmp, index=False)
-        os.replace(tmp, self.root / TOKENS_DIR / f"part-{index:05d}.parquet")
+        with atomic_path(self.root / TOKENS_DIR / f"part-{index:05d}.parquet") as tmp:
+            tokens.to_parquet(tmp, index=False)
         shard = {"index": index, "tokens": n, "contexts_end": contexts_end, "sha256": files}
         self.manifest["shards"].append(shard)
         self.manifest["tokens"] += n

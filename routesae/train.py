@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from .atomic import atomic_write_text
 from .checkpoint import StopOnSignal, find_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from .sae import SAEConfig, SparseAutoencoder, build_sae, load_sae
 from .sae.config import ARCHS
@@ -275,9 +276,7 @@ def _log_record(step: int, cfg: TrainConfig, lr: float, win: dict, hist: bool, s
 def _rewind_metrics(path: Path, step: int) -> None:
     if path.exists():
         keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 def _batches(store: Store, cfg: TrainConfig, r: dict, start: int):

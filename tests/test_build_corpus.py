@@ -106,7 +106,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(bc.os, "replace", boom)
+    monkeypatch.setattr("routesae.atomic.os.replace", boom)
     with pytest.raises(OSError):
         bc.atomic_write(target, "new")
     assert target.read_text() == "old"

@@ -10,7 +10,6 @@ scale (:meth:`SparseAutoencoder.reconstruct`).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -19,6 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from routesae.atomic import atomic_path, atomic_write_json
 
 from .config import SAEConfig, SAEOutput
 from .kernels import sparse_decode, topk_relu
@@ -176,12 +177,9 @@ class SparseAutoencoder(nn.Module):
         run.mkdir(parents=True, exist_ok=True)
         tensors = {_FILE_NAMES.get(n, n): t.detach().cpu().contiguous()
                    for n, t in self.state_dict().items()}
-        tmp = run / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
-        save_file(tensors, str(tmp), metadata={"format": "routesae-sae/1", "arch": self.cfg.arch})
-        os.replace(tmp, run / WEIGHTS_FILE)
-        tmp = run / f".{CONFIG_FILE}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
-        os.replace(tmp, run / CONFIG_FILE)
+        with atomic_path(run / WEIGHTS_FILE) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "routesae-sae/1", "arch": self.cfg.arch})
+        atomic_write_json(run / CONFIG_FILE, self.cfg.to_dict())
 
     @staticmethod
     def read_config(run_dir: str | Path) -> SAEConfig:

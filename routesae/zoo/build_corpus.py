@@ -22,14 +22,13 @@ import argparse
 import gzip
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from routesae.atomic import atomic_write_bytes
 from routesae.zoo.corpus_sources import DEFAULT_CACHE_DIR, Source, chunk_text, default_sources
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -80,19 +79,8 @@ def sha256_file(path: Path) -> str:
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` atomically (see :mod:`routesae.atomic`)."""
+    atomic_write_bytes(path, data.encode() if isinstance(data, str) else data)
 
 
 def _unit_hash(*parts: object) -> float:
