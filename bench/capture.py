@@ -45,11 +45,6 @@ def _default_model(tmp: Path) -> str:
     return str(tmp / "model")
 
 
-def _default_corpus() -> str:
-    corpus = ROOT / "data" / "corpus"
-    return str(corpus) if corpus.exists() else str(ROOT / "tests" / "data" / "mini.jsonl")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model")
@@ -65,7 +60,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         model_path = args.model or _default_model(tmp)
-        corpus = args.corpus or _default_corpus()
+        corpus = args.corpus or str(ROOT / "data" / "corpus")
         model, tok = load_model(ModelConfig(model_path, device=args.device))
         docs = iter_documents(CorpusConfig(corpus))
         batches, n = [], 0

@@ -42,7 +42,7 @@ class TopKReLU(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        pre = x @ W_enc + b_enc
+        pre = torch.addmm(b_enc, x, W_enc)  # x @ W_enc + b_enc in one pass
         top = pre.topk(k, dim=-1, sorted=False)
         val = top.values.relu()
         ctx.save_for_backward(x, W_enc, top.indices, val)

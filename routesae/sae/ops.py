@@ -22,8 +22,9 @@ def standardize(h: Tensor, eps: float = STD_EPS) -> tuple[Tensor, Tensor, Tensor
     """
     h = _work(h)
     mean = h.mean(dim=-1, keepdim=True)
-    std = h.std(dim=-1, keepdim=True, unbiased=False)
-    return (h - mean) / (std + eps), mean, std
+    c = h - mean
+    std = c.square().mean(dim=-1, keepdim=True).sqrt_()  # biased std; several times faster than h.std on CPU
+    return c / (std + eps), mean, std
 
 
 def destandardize(x: Tensor, mean: Tensor, std: Tensor, eps: float = STD_EPS) -> Tensor:

@@ -64,12 +64,12 @@ class RouteSAE(SparseAutoencoder):
         probs = self._probs(xs)
         pos = probs.argmax(-1)
         rows = torch.arange(xs.shape[0], device=xs.device)
-        soft = (probs.unsqueeze(-1) * xs).sum(1)
         if self.cfg.routing == "soft":
-            x = soft
+            x = (probs.unsqueeze(-1) * xs).sum(1)
         else:
             x = probs[rows, pos].unsqueeze(-1) * xs[rows, pos]
             if self.cfg.router == "ste":  # same value, gradient of the soft mixture for the router
+                soft = (probs.unsqueeze(-1) * xs).sum(1)
                 x = x + (soft - soft.detach())
         if mean is not None:
             mean, std = mean[rows, pos], std[rows, pos]
