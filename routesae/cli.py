@@ -195,6 +195,52 @@ def export(
         typer.echo(f"wrote {p}")
 
 
+@app.command()
+def analyze(
+    run: Path = typer.Argument(..., help="Run folder made by `routesae train`."),
+    store: Path | None = typer.Option(None, help="Store to analyse (default: the run's training store)."),
+    model: str | None = typer.Option(None, help="Model for the logit lens (default: the store's model when local)."),
+    tokens: int | None = typer.Option(None, help="Tokens to analyse (default 200k or the whole store)."),
+    with_model: bool = typer.Option(True, "--with-model/--no-model", help="Load the model for the logit lens."),
+    top_contexts: int = typer.Option(20, help="Top-activating contexts kept per latent."),
+    window: int = typer.Option(16, help="Tokens either side of a context's centre."),
+    fire_fraction: float = typer.Option(0.5, help="Feature counting: a latent fires at >= this fraction of its max."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+) -> None:
+    """Feature, expert and feature x expert analyses into RUN/analysis/ (read by reports and the dashboard)."""
+    from routesae.analyze import AnalyzeConfig
+    from routesae.analyze import analyze as run_analyze
+
+    try:
+        out = run_analyze(AnalyzeConfig(run=str(run), store=str(store) if store else None, model=model,
+                                        tokens=tokens, with_model=with_model, top_contexts=top_contexts,
+                                        window=window, fire_fraction=fire_fraction, device=device))
+    except USER_ERRORS as exc:
+        _fail(exc)
+    typer.echo(f"analysis written to {out}; next: routesae report {run}")
+
+
+@app.command()
+def report(
+    run: Path = typer.Argument(..., help="Run folder with an analysis (`routesae analyze RUN`)."),
+    format: str = typer.Option("html,md,csv,json", "--format", help="Comma-separated: html, md, csv, json."),
+    out: Path | None = typer.Option(None, help="Output folder (default RUN/report)."),
+    top_features: int = typer.Option(30, help="Features shown with their contexts."),
+) -> None:
+    """Write the specialisation report: self-contained HTML, Markdown, CSV/Parquet tables, JSON, Neuronpedia batch."""
+    from routesae.report import ReportConfig, build_report
+
+    try:
+        paths = build_report(ReportConfig(run=str(run), formats=format, out=str(out) if out else None,
+                                          top_features=top_features))
+    except USER_ERRORS as exc:
+        _fail(exc)
+    for name, path in paths.items():
+        if name.endswith((".html", ".md")) or name == "summary.json":
+            typer.echo(f"wrote {path}")
+    typer.echo(f"{len(paths)} files in {out or run / 'report'}")
+
+
 @store_app.command("info")
 def store_info(store: Path = typer.Argument(..., help="Store folder.")) -> None:
     """Print what a store holds."""

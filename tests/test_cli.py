@@ -57,6 +57,15 @@ def test_train_from_the_command_line(tiny_ckpt, corpus_jsonl, tmp_path):
     res = runner.invoke(app, ["export", str(run), "--to", "saelens", "--out", str(tmp_path / "sl")])
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (tmp_path / "sl").iterdir()) == [f"blocks.{i}.hook_resid_post" for i in (1, 2, 3)]
+    res = runner.invoke(app, ["analyze", str(run), "--tokens", "256", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert (run / "analysis" / "latents.parquet").exists() and (run / "analysis" / "expert_domain.parquet").exists()
+    res = runner.invoke(app, ["report", str(run), "--format", "html,md"])
+    assert res.exit_code == 0, res.output
+    html = (run / "report" / "report.html").read_text()
+    assert "<script src" not in html and "Plotly.newPlot" in html and (run / "report" / "report.md").exists()
+    res = runner.invoke(app, ["report", str(run), "--format", "pdf"])
+    assert res.exit_code == 2 and "unknown report format pdf" in res.output
     res = runner.invoke(app, args)  # the same run again without --resume: refused, nothing touched
     assert res.exit_code == 2 and "--resume" in res.output
     res = runner.invoke(app, ["train", str(store), "--out", str(tmp_path / "r2"), "--k", "99", "--latents", "64"])

@@ -1,0 +1,138 @@
+"""``routesae analyze RUN``: compute every table of docs/analysis.md once into ``RUN/analysis/``.
+
+Example::
+
+    from routesae.analyze.run import AnalyzeConfig, analyze
+    out = analyze(AnalyzeConfig(run="runs/x", tokens=50_000))       # -> Path("runs/x/analysis")
+    pd.read_parquet(out / "latents.parquet").query("interpretable").head()
+
+The folder is built as ``RUN/analysis.tmp/`` (every file written atomically) and then swapped in
+with two renames, so a reader never sees a half-written folder; the previous one is kept until
+the swap. Expert tables come from :func:`routesae.analyze.experts.expert_tables` (MoE stores only).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from routesae.analyze.features import FEATURE_COUNT, feature_tables
+from routesae.atomic import atomic_path, atomic_write_json
+from routesae.evaluate import _default_model, _resolve
+from routesae.models.load import ModelConfig, load_model, resolve_device
+from routesae.sae import load_sae
+from routesae.store import StoreError
+
+log = logging.getLogger(__name__)
+DEFAULT_TOKENS = 200_000
+MIN_VOCAB_COUNT = 20
+DENSE = 0.1  # a latent active on more than 10% of the tokens counts as dense
+
+
+@dataclass
+class AnalyzeConfig:
+    """What to analyse. ``store``: default the one in RUN/train_config.json. ``model``: default the
+    store's model when that folder exists locally (for the logit lens; ``with_model=False`` skips it).
+    ``tokens``: default 200k or the whole store. ``window``: tokens either side of a context's centre."""
+
+    run: str
+    store: str | None = None
+    model: str | None = None
+    tokens: int | None = None
+    batch_tokens: int = 4096
+    top_contexts: int = 20
+    window: int = 16
+    quantile_bins: int = 5
+    quantile_samples: int = 5
+    hist_bins: int = 20
+    fire_fraction: float = 0.5
+    device: str = "auto"
+    with_model: bool = True
+    seed: int = 0
+
+
+def _write_parquet(path: Path, df: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def analyze(cfg: AnalyzeConfig, model=None, tokenizer=None) -> Path:
+    """Analyse ``cfg.run`` and write ``RUN/analysis/``; returns that folder.
+
+    ``model`` / ``tokenizer``: an already loaded Hugging Face causal LM for the logit lens (else
+    ``cfg.model`` or the store's model folder is loaded when ``cfg.with_model``)."""
+    run, store = _resolve(cfg)
+    device = resolve_device(cfg.device)
+    sae = load_sae(run, device=device).eval()
+    c = sae.cfg
+    missing = [j for j in c.layers if j not in store.layers]
+    if missing:
+        raise StoreError(f"the SAE reads layers {c.layers} but store {store.root} lacks {missing}; pass the "
+                         f"store it was trained on with --store")
+    if store.d_model != c.d_in:
+        raise StoreError(f"store {store.root} has d_model={store.d_model} but the SAE has d_in={c.d_in}")
+    n_tokens = min(cfg.tokens or DEFAULT_TOKENS, store.n_tokens)
+    if n_tokens < 1 or cfg.batch_tokens < 1 or cfg.top_contexts < 1 or cfg.quantile_bins < 1 or cfg.hist_bins < 1:
+        raise StoreError("--tokens, --batch-tokens, --top-contexts, --quantile-bins and --hist-bins must be positive")
+    model_path = cfg.model or _default_model(store)
+    if cfg.with_model and model is None and model_path is not None:
+        model, tok = load_model(ModelConfig(model_path, "float32", str(device)))
+        tokenizer = tokenizer or tok
+    if not cfg.with_model:
+        model = None
+    tables = feature_tables(sae, store, model=model, tokenizer=tokenizer, max_tokens=n_tokens,
+                            batch_tokens=cfg.batch_tokens, top_contexts=cfg.top_contexts, window=cfg.window,
+                            quantile_bins=cfg.quantile_bins, quantile_samples=cfg.quantile_samples,
+                            hist_bins=cfg.hist_bins, fire_fraction=cfg.fire_fraction, device=device, seed=cfg.seed)
+    if store.moe_layers and store.manifest.get("n_experts"):
+        from routesae.analyze.experts import expert_tables
+
+        tables.update(expert_tables(store, max_tokens=n_tokens, min_vocab_count=MIN_VOCAB_COUNT))
+    fc_row = tables.pop("feature_count").iloc[0].to_dict()
+    fc_settings = {**FEATURE_COUNT, "threshold_value": float(cfg.fire_fraction)}
+    lat = tables["latents"]
+    manifest = store.manifest
+    eval_path = run / "eval.json"
+    summary: dict[str, Any] = {
+        "run": str(run), "store": str(store.root), "model": model_path if model is not None else None,
+        "arch": c.arch, "layers": c.layers, "moe_layers": store.moe_layers, "n_experts": manifest.get("n_experts"),
+        "top_k": manifest.get("top_k"), "tokens": int(fc_row["tokens"]), "n_latents": c.n_latents,
+        "dead_latents": int((lat["count"] == 0).sum()), "dense_latents": int((lat["density"] > DENSE).sum()),
+        "interpretable": int(fc_row["count"]), "domains": {k: int(v) for k, v in fc_row["domains"].items()},
+        "eval": json.loads(eval_path.read_text()) if eval_path.is_file() else None,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    settings = {"tokens": int(fc_row["tokens"]), "context_window": cfg.window, "top_contexts": cfg.top_contexts,
+                "quantile_bins": cfg.quantile_bins, "quantile_samples": cfg.quantile_samples,
+                "hist_bins": cfg.hist_bins, "min_vocab_count": MIN_VOCAB_COUNT, "feature_count": fc_settings,
+                "dense_threshold": DENSE, "config": asdict(cfg)}
+    final, tmp = run / "analysis", run / "analysis.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, df in tables.items():
+        _write_parquet(tmp / f"{name}.parquet", df)
+    atomic_write_json(tmp / "feature_count.json", {"count": int(fc_row["count"]), "settings": fc_settings,
+                                                   "tokens": int(fc_row["tokens"])})
+    atomic_write_json(tmp / "settings.json", settings)
+    atomic_write_json(tmp / "summary.json", summary)
+    _swap_in(tmp, final)
+    log.info("analysis of %s written to %s (%d tokens, %d interpretable latents)", run, final, n_tokens,
+             summary["interpretable"])
+    return final

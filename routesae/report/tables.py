@@ -1,0 +1,134 @@
+"""Table copies (CSV + Parquet) and the machine-readable ``summary.json`` of a report.
+
+CSV: one file per analysis table, list cells as JSON strings (``read_csv_table`` reverses it);
+Parquet: byte copies of the analysis files. ``summary.json`` holds metrics, counts, per-layer
+statistics, the top experts per domain, flagged experts and the report's top features.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from routesae.atomic import atomic_path, atomic_write_bytes
+from routesae.report import facts
+from routesae.report.load import Analysis, as_list, records, scalar, top_features
+
+SUMMARY_FORMAT = "routesae-report-summary/1"
+
+
+def _is_list(v: Any) -> bool:
+    return isinstance(v, (list, tuple, np.ndarray))
+
+
+def list_columns(df: pd.DataFrame) -> list[str]:
+    """Columns whose cells are lists (Parquet list columns)."""
+    out = []
+    for c in df.columns:
+        if df[c].dtype == object:
+            vals = df[c].dropna()
+            if len(vals) and all(_is_list(v) for v in vals):
+                out.append(c)
+    return out
+
+
+def csv_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with list cells as JSON strings (NaN inside lists -> null)."""
+    cols = list_columns(df)
+    if not cols:
+        return df
+    df = df.copy()
+    for c in cols:
+        df[c] = [None if not _is_list(v) else json.dumps([scalar(x) for x in as_list(v)], ensure_ascii=False)
+                 for v in df[c]]
+    return df
+
+
+def read_csv_table(path: str | Path, list_cols: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
+    """Read a CSV copy back, parsing the JSON list columns named in ``list_cols``."""
+    df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    for c in list_cols:
+        if c in df:
+            df[c] = [json.loads(v) if isinstance(v, str) else [] for v in df[c]]
+    return df
+
+
+def write_tables(a: Analysis, out: Path, formats: tuple[str, ...] = ("csv", "parquet")) -> dict[str, Path]:
+    """Write ``out/NAME.csv`` and/or ``out/NAME.parquet`` for every analysis table; return the paths."""
+    paths: dict[str, Path] = {}
+    for name, df in a.tables.items():
+        if "csv" in formats:
+            p = out / f"{name}.csv"
+            with atomic_path(p) as tmp:
+                csv_frame(df).to_csv(tmp, index=False)
+            paths[f"tables/{name}.csv"] = p
+        if "parquet" in formats:
+            p = out / f"{name}.parquet"
+            src = a.dir / f"{name}.parquet"
+            if src.is_file():
+                atomic_write_bytes(p, src.read_bytes())
+            else:
+                with atomic_path(p) as tmp:
+                    df.to_parquet(tmp, index=False)
+            paths[f"tables/{name}.parquet"] = p
+    return paths
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: numpy unwrapped, NaN/inf -> null."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [_clean(v) for v in as_list(obj)]
+    return scalar(obj)
+
+
+def summary_json(a: Analysis, top_n: int = 30) -> dict[str, Any]:
+    """The report's machine-readable summary."""
+    s, ev, lat = a.summary, a.eval, a.latents
+    live = int((lat["density"] > 0).sum()) if not lat.empty else None
+    counts = {"n_latents": s.get("n_latents") or a.config.get("n_latents"), "dead_latents": s.get("dead_latents"),
+              "dense_latents": s.get("dense_latents"), "live_latents": live,
+              "interpretable": s.get("interpretable"), "feature_count": a.feature_count.get("count"),
+              "contexts": len(a.contexts) if not a.contexts.empty else 0,
+              "collapsed_experts": len(facts.collapsed(a)) if not a.expert_stats.empty else 0}
+    metrics: dict[str, Any] = {k: {m: v for m, v in (ev.get(k) or {}).items() if m != "space"}
+                               for k in ("sae_space", "raw_space") if k in ev}
+    if "splice" in ev:
+        metrics["splice"] = ev["splice"]
+    for k in ("tokens", "mean_p_star", "routed_layers"):
+        if k in ev:
+            metrics[k] = ev[k]
+    feats = []
+    for i in top_features(a, top_n):
+        r = a.latent_row(i)
+        feats.append({k: scalar(r.get(k)) for k in ("latent", "density", "max_act", "top_domain", "top_domain_lift",
+                                                      "top_routed_layer", "top_expert_layer", "top_expert",
+                                                      "top_expert_lift", "interpretable", "top_token")})
+    out = {
+        "format": SUMMARY_FORMAT, "run": str(a.run),
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "analysis_created": s.get("created"), "model": a.model_name, "store": s.get("store") or ev.get("store"),
+        "arch": s.get("arch") or a.config.get("arch"), "layers": s.get("layers") or a.config.get("layers"),
+        "moe_layers": a.moe_layers, "n_experts": s.get("n_experts"), "top_k": s.get("top_k"),
+        "tokens": s.get("tokens") or a.settings.get("tokens"), "domains": s.get("domains") or {},
+        "sae": a.config, "counts": counts, "metrics": metrics,
+        "layer_stats": records(a.layer_stats) if not a.layer_stats.empty else [],
+        "top_experts_per_domain": facts.top_experts_per_domain(a, 3),
+        "most_specialised_experts": records(facts.most_specialised(a, 10)) if not a.expert_stats.empty else [],
+        "collapsed_experts": records(facts.collapsed(a)) if not a.expert_stats.empty else [],
+        "cold_start": records(a.position_profile) if not a.position_profile.empty else [],
+        "top_features": feats,
+    }
+    return _clean(out)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Strict JSON (no NaN), UTF-8, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
