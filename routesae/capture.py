@@ -14,7 +14,10 @@ Python API::
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -255,22 +258,33 @@ def capture(cfg: CaptureConfig, on_shard: Callable[[dict], None] | None = None, 
     buffered = 0
     total = writer.tokens_done
 
+    # Shards are written by one background thread while the next batches run through the model;
+    # at most one shard is in flight, and shards land in order.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="routesae-shard-writer")
+    pending: Future | None = None
+
+    def settle() -> None:
+        nonlocal pending
+        if pending is not None:
+            shard, pending = pending.result(), None
+            if on_shard:
+                on_shard(shard)
+
     def flush(contexts_end: int) -> None:
-        nonlocal buffered
+        nonlocal buffered, pending
         if not buffered:
             return
         router = ({k: torch.cat([r[k] for r in buf_router]) for k in buf_router[0]} if buf_router else None)
-        shard = writer.write_shard(torch.cat(buf_resid), router, pd.concat(buf_tokens, ignore_index=True),
-                                   contexts_end)
+        parts = (torch.cat(buf_resid), router, pd.concat(buf_tokens, ignore_index=True), contexts_end)
         buf_resid.clear(), buf_router.clear(), buf_tokens.clear()
         buffered = 0
-        if on_shard:
-            on_shard(shard)
+        settle()
+        pending = pool.submit(writer.write_shard, *parts)
 
     bar = _progress(cfg, total)
     try:
         last_end = writer.contexts_done
-        for batch in builder.batches(docs, cfg.batch_size, skip_contexts=writer.contexts_done):
+        for batch in prefetch(builder.batches(docs, cfg.batch_size, skip_contexts=writer.contexts_done)):
             if cfg.max_tokens is not None and total >= cfg.max_tokens:
                 break
             resid, route = runner(torch.from_numpy(batch.input_ids).to(device),
@@ -292,14 +306,55 @@ def capture(cfg: CaptureConfig, on_shard: Callable[[dict], None] | None = None, 
             if buffered >= shard_tokens:
                 flush(last_end)
         flush(last_end)
+        settle()
         writer.finish(corpus_stats={"documents_read": stats.documents, "skipped_non_utf8": stats.skipped_lines,
                                     "skipped_empty": stats.skipped_empty})
     finally:
+        pool.shutdown(wait=True)  # a shard already handed to the writer completes (atomically) even on error
         bar.close()
         runner.close()
     if writer.tokens_done == 0:
         raise CaptureError(f"capture wrote no tokens into {cfg.out}; check --max-tokens and the corpus")
     return Path(cfg.out)
+
+
+def prefetch(items: Iterator, depth: int = 4) -> Iterator:
+    """Produce ``items`` in a background thread, up to ``depth`` ahead (tokenisation overlaps the model).
+
+    Errors in the producer are raised in the consumer; stopping early stops the producer.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as exc:  # handed to the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=produce, name="routesae-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def _token_rows(batch: ContextBatch, builder: ContextBuilder, token_text: np.ndarray, keep: np.ndarray) -> pd.DataFrame:

@@ -241,6 +241,22 @@ def report(
     typer.echo(f"{len(paths)} files in {out or run / 'report'}")
 
 
+@app.command()
+def dashboard(
+    run: Path = typer.Argument(..., help="Run folder with an analysis (`routesae analyze RUN`)."),
+    port: int = typer.Option(8501, help="Port to serve on."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1 keeps it on this machine)."),
+    model: str | None = typer.Option(None, help="Model for the token explorer (default: the run's model)."),
+) -> None:
+    """Browse features, experts and tokens in the Streamlit dashboard."""
+    from routesae.dashboard import launch
+
+    try:
+        launch(str(run), port=port, host=host, model=model)
+    except USER_ERRORS as exc:
+        _fail(exc)
+
+
 @store_app.command("info")
 def store_info(store: Path = typer.Argument(..., help="Store folder.")) -> None:
     """Print what a store holds."""

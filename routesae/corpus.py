@@ -50,7 +50,7 @@ class CorpusConfig:
     split: str = "train"
     default_domain: str = "all"
     shuffle: bool = True
-    shuffle_buffer: int = 10_000  # documents held for the streaming shuffle (bounded memory)
+    shuffle_buffer: int = 2048  # documents held for the streaming shuffle (bounded memory)
     seed: int = 0
     max_docs: int | None = None
 
