@@ -82,14 +82,16 @@ def capture(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Folder for everything the demo makes."),
-    quick: bool = typer.Option(False, help="A smaller run (a quarter of the tokens)."),
+    quick: bool = typer.Option(False, help="A smaller, faster run."),
+    force: bool = typer.Option(False, help="Redo every stage instead of reusing finished ones."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
 ) -> None:
-    """Run the main job on the embedded default (demo MoE + demo corpus) and say where the results are."""
+    """Run the main job on the embedded default: capture the demo MoE, train RouteSAE and a TopK baseline,
+    evaluate, analyse, write the report; print the report path and the dashboard command."""
     from routesae.demo import DemoConfig, run_demo
 
     try:
-        run_demo(DemoConfig(out=out, quick=quick, device=device), log=typer.echo)
+        run_demo(DemoConfig(out=out, quick=quick, force=force, device=device), log=typer.echo)
     except USER_ERRORS as exc:
         _fail(exc)
 

@@ -1,18 +1,17 @@
 """The main job on the embedded default: ``routesae demo`` (what ``make demo`` runs).
 
-Today it captures residual streams and routing of the shipped demo MoE (``data/demo-moe``) over
-the validation split of the shipped corpus (``data/corpus``) into ``runs/demo/store``. When the
-demo model's weights are not there yet it uses a tiny random OLMoE instead and says so. Re-running
-reuses a finished store; later stages (training, analysis, report) join this pipeline as they land.
+capture (``data/demo-moe`` over ``data/corpus``) -> train RouteSAE and a single-layer TopK
+baseline on the same store -> evaluate both (with splicing) -> analyse the RouteSAE run ->
+write the report; then print where the report is and the dashboard command. Re-running reuses
+every finished stage (the store, trained runs, evaluations, the analysis) unless ``force``.
 """
 
 from __future__ import annotations
 
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
-
-from routesae.capture import CaptureConfig, capture
-from routesae.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,12 +21,19 @@ class DemoConfig:
     out: Path = Path("runs/demo")
     model: Path = ROOT / "data" / "demo-moe"
     corpus: Path = ROOT / "data" / "corpus"
-    max_tokens: int = 32_768
     quick: bool = False
+    force: bool = False
     device: str = "auto"
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        if self.quick:
+            return {"capture": 32_768, "train": 65_536, "latents": 768, "analyze": 32_768, "eval": 16_384}
+        return {"capture": 262_144, "train": 524_288, "latents": 1536, "analyze": 131_072, "eval": 65_536}
 
 
 def demo_model(cfg: DemoConfig, log=print) -> Path:
+    """The shipped demo MoE; a tiny random OLMoE (with a note) if its weights are missing."""
     if (cfg.model / "model.safetensors").exists():
         return cfg.model
     from routesae.models.tiny import save_tiny
@@ -35,20 +41,66 @@ def demo_model(cfg: DemoConfig, log=print) -> Path:
     tiny = cfg.out / "tiny-olmoe"
     if not (tiny / "config.json").exists():
         save_tiny("olmoe", tiny)
-    log(f"note: {cfg.model} holds no trained weights yet; using a tiny random OLMoE ({tiny})")
+    log(f"note: {cfg.model} holds no trained weights; using a tiny random OLMoE ({tiny})")
     return tiny
 
 
 def run_demo(cfg: DemoConfig, log=print) -> Path:
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    """Run every stage (reusing finished ones) and return the report folder."""
+    from routesae.analyze import AnalyzeConfig, analyze
+    from routesae.capture import CaptureConfig, capture
+    from routesae.evaluate import EvalConfig, evaluate
+    from routesae.report import ReportConfig, build_report
+    from routesae.train import TrainConfig, train
+
+    t0 = time.perf_counter()
+    root = cfg.out / ("quick" if cfg.quick else "full")
+    if cfg.force and root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    n = cfg.sizes
     model = demo_model(cfg, log)
-    tokens = cfg.max_tokens // 4 if cfg.quick else cfg.max_tokens
-    store_dir = cfg.out / ("store-quick" if cfg.quick else "store")
-    log(f"capture: {model.name} over {cfg.corpus.name} (validation split), {tokens:,} tokens -> {store_dir}")
-    capture(CaptureConfig(model=str(model), corpus=str(cfg.corpus), out=str(store_dir), split="val",
-                          max_tokens=tokens, device=cfg.device, layers="auto"))
-    s = Store(store_dir)
-    log(f"store {store_dir}: {s.n_tokens:,} tokens, layers {s.layers}, MoE layers {s.moe_layers}, "
-        f"{s.manifest.get('n_experts')} experts top-{s.manifest.get('top_k')}")
-    log(f"inspect it with: routesae store info {store_dir}")
-    return store_dir
+    store = root / "store"
+
+    def stage(name: str) -> None:
+        log(f"[{time.perf_counter() - t0:6.0f}s] {name}")
+
+    stage(f"capture {n['capture']:,} tokens of {cfg.corpus.name} through {model.name} -> {store}")
+    capture(CaptureConfig(model=str(model), corpus=str(cfg.corpus), out=str(store), max_tokens=n["capture"],
+                          device=cfg.device, progress=False))
+    runs = {"routesae": root / "routesae", "topk": root / "topk"}
+    for arch, run in runs.items():
+        if not (run / "sae.safetensors").exists() or not (run / "train_config.json").exists():
+            stage(f"train {arch} ({n['latents']} latents, k=32, {n['train']:,} tokens) -> {run}")
+            train(TrainConfig(store=str(store), out=str(run), arch=arch, latents=n["latents"], k=32,
+                              tokens=n["train"], device=cfg.device, progress=False))
+        if not (run / "eval.json").exists():
+            stage(f"evaluate {arch} (reconstruction and CE/KL spliced into the model)")
+            evaluate(EvalConfig(run=str(run), tokens=n["eval"], device=cfg.device))
+    run = runs["routesae"]
+    if not (run / "analysis" / "summary.json").exists():
+        stage(f"analyze {run} ({n['analyze']:,} tokens)")
+        analyze(AnalyzeConfig(run=str(run), tokens=n["analyze"], device=cfg.device))
+    stage("report")
+    build_report(ReportConfig(run=str(run)))
+    _summary(runs, log)
+    report = run / "report"
+    log(f"[{time.perf_counter() - t0:6.0f}s] done")
+    log(f"report:    {report / 'report.html'}  (also report.md, tables/, summary.json, neuronpedia/)")
+    log(f"dashboard: routesae dashboard {run}")
+    return report
+
+
+def _summary(runs: dict[str, Path], log) -> None:
+    import json
+
+    log("")
+    log(f"{'':10s} {'NMSE':>8s} {'expl.var':>9s} {'L0':>6s} {'CE rec.':>8s} {'KL/token':>9s}")
+    for arch, run in runs.items():
+        ev = json.loads((run / "eval.json").read_text())
+        sp = ev.get("splice") or {}
+        ce = f"{sp['ce_recovered']:8.3f}" if "ce_recovered" in sp else f"{'n/a':>8s}"
+        kl = f"{sp['kl']:9.4f}" if "kl" in sp else f"{'n/a':>9s}"
+        s = ev["sae_space"]
+        log(f"{arch:10s} {s['nmse']:8.4f} {s['explained_variance']:9.4f} {s['l0']:6.1f} {ce} {kl}")
+    log("")
