@@ -369,15 +369,13 @@ def _default_model(store: Store) -> str | None:
     return name if name and Path(name).expanduser().is_dir() else None
 
 
-def evaluate(cfg: EvalConfig, model=None) -> dict[str, Any]:
-    """Evaluate ``cfg.run``; write ``RUN/eval.json`` atomically and return its content.
+def load_run(cfg) -> tuple[Path, Store, Any]:
+    """The run folder, its store and its SAE (eval mode, on ``cfg.device``), checked against each other.
 
-    ``model``: an already loaded Hugging Face causal LM to splice into (else ``cfg.model`` or the
-    store's model folder is loaded; without either the splice section says why it was skipped).
+    ``cfg`` needs ``run``, ``store`` (None = the run's training store) and ``device``.
     """
     run, store = _resolve(cfg)
-    device = resolve_device(cfg.device)
-    sae = load_sae(run, device=device).eval()
+    sae = load_sae(run, device=resolve_device(cfg.device)).eval()
     c = sae.cfg
     missing = [j for j in c.layers if j not in store.layers]
     if missing:
@@ -385,6 +383,18 @@ def evaluate(cfg: EvalConfig, model=None) -> dict[str, Any]:
                          f"store it was trained on with --store")
     if store.d_model != c.d_in:
         raise StoreError(f"store {store.root} has d_model={store.d_model} but the SAE has d_in={c.d_in}")
+    return run, store, sae
+
+
+def evaluate(cfg: EvalConfig, model=None) -> dict[str, Any]:
+    """Evaluate ``cfg.run``; write ``RUN/eval.json`` atomically and return its content.
+
+    ``model``: an already loaded Hugging Face causal LM to splice into (else ``cfg.model`` or the
+    store's model folder is loaded; without either the splice section says why it was skipped).
+    """
+    run, store, sae = load_run(cfg)
+    device = resolve_device(cfg.device)
+    c = sae.cfg
     n_tokens = min(cfg.tokens or DEFAULT_TOKENS, store.n_tokens)
     if n_tokens < 1 or cfg.batch_tokens < 1:
         raise StoreError(f"--tokens {cfg.tokens} and --batch-tokens {cfg.batch_tokens} must be positive")

@@ -26,9 +26,8 @@ import pandas as pd
 
 from routesae.analyze.features import FEATURE_COUNT, feature_tables
 from routesae.atomic import atomic_path, atomic_write_json
-from routesae.evaluate import _default_model, _resolve
+from routesae.evaluate import _default_model, load_run
 from routesae.models.load import ModelConfig, load_model, resolve_device
-from routesae.sae import load_sae
 from routesae.store import StoreError
 
 log = logging.getLogger(__name__)
@@ -78,16 +77,9 @@ def analyze(cfg: AnalyzeConfig, model=None, tokenizer=None) -> Path:
 
     ``model`` / ``tokenizer``: an already loaded Hugging Face causal LM for the logit lens (else
     ``cfg.model`` or the store's model folder is loaded when ``cfg.with_model``)."""
-    run, store = _resolve(cfg)
+    run, store, sae = load_run(cfg)
     device = resolve_device(cfg.device)
-    sae = load_sae(run, device=device).eval()
     c = sae.cfg
-    missing = [j for j in c.layers if j not in store.layers]
-    if missing:
-        raise StoreError(f"the SAE reads layers {c.layers} but store {store.root} lacks {missing}; pass the "
-                         f"store it was trained on with --store")
-    if store.d_model != c.d_in:
-        raise StoreError(f"store {store.root} has d_model={store.d_model} but the SAE has d_in={c.d_in}")
     n_tokens = min(cfg.tokens or DEFAULT_TOKENS, store.n_tokens)
     if n_tokens < 1 or cfg.batch_tokens < 1 or cfg.top_contexts < 1 or cfg.quantile_bins < 1 or cfg.hist_bins < 1:
         raise StoreError("--tokens, --batch-tokens, --top-contexts, --quantile-bins and --hist-bins must be positive")
