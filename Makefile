@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.routesae-installed
 
-.PHONY: test demo install lint clean-venv
+.PHONY: test demo install lint clean-venv browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,17 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
+
+# The dashboard's end-to-end test drives a real headless Chromium (Debian's package). Installed
+# when possible (root + apt); otherwise that one test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+		|| ( [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		     && (apt-get install -y -q chromium >/dev/null 2>&1 \
+		         || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) ) \
+		|| echo "note: chromium not installed; the browser test will be skipped"
 
 demo: $(STAMP)
 	$(VENV)/bin/routesae demo

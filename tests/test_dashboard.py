@@ -308,6 +308,9 @@ def test_token_explorer(run_with_model):
 # ---------------------------------------------------------------- end to end (headless Chromium, if installed)
 
 
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"  # git-ignored screenshots of the browser test
+
+
 def _chromium() -> str | None:
     import shutil
 
@@ -352,12 +355,26 @@ class Browser:
                     raise RuntimeError(r["error"])
                 return r["result"]
 
+    def screenshot(self, path: Path) -> None:
+        """Save a PNG of the page opened last by :meth:`page_when`."""
+        import base64
+
+        import time
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        time.sleep(1.5)  # plotly draws after the script has finished
+        self.call("Emulation.setDeviceMetricsOverride", self.session, width=1400, height=1000, deviceScaleFactor=1,
+                  mobile=False)
+        data = self.call("Page.captureScreenshot", self.session, format="png")["data"]
+        path.write_bytes(base64.b64decode(data))
+
     def page_when(self, url: str, text: str, timeout: float = 90) -> tuple[str, str]:
         """Open ``url``; wait until its visible text contains ``text``; return (innerText, innerHTML)."""
         import time
 
         target = self.call("Target.createTarget", url=url)["targetId"]
         session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.session = session
         end, body = time.time() + timeout, ("", "", "")
         js = ("(() => { const app = document.querySelector('[data-testid=stApp]'); const b = document.body;"
               " return [b ? b.innerText : '', b ? b.innerHTML : '', app ? app.dataset.testScriptState : '']; })()")
@@ -410,11 +427,16 @@ def test_end_to_end_headless_chromium(run, tmp_path):
         assert "<script>alert(1)</script>" in text  # the hostile token is shown as text ...
         assert "<script>alert(1)</script>" not in html  # ... and never as markup
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+        browser.screenshot(ARTIFACTS / "feature.png")
         text, _ = browser.page_when(f"{url}/?feature=3", "Latent 3")  # the root permalink redirects
         text, _ = browser.page_when(f"{url}/", "Training")  # the default page lives at the root
         assert "interpretable" in text, text
         text, _ = browser.page_when(f"{url}/experts", "Specialisation")
+        browser.screenshot(ARTIFACTS / "experts.png")
+        text, _ = browser.page_when(f"{url}/tokens", "Token explorer")
+        browser.screenshot(ARTIFACTS / "tokens.png")
         text, _ = browser.page_when(f"{url}/export", "report.html")
+        assert all((ARTIFACTS / f"{name}.png").stat().st_size > 10_000 for name in ("feature", "experts", "tokens"))
     finally:
         if browser is not None:
             browser.close()
