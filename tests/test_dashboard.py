@@ -358,7 +358,6 @@ class Browser:
     def screenshot(self, path: Path) -> None:
         """Save a PNG of the page opened last by :meth:`page_when`."""
         import base64
-
         import time
 
         path.parent.mkdir(parents=True, exist_ok=True)

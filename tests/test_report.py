@@ -259,3 +259,47 @@ def test_figures(built):
     with pytest.raises(ValueError, match="unknown heatmap value"):
         F.domain_expert_heatmap(a.expert_domain, 1, "nope")
     assert len(F.domain_expert_heatmap(a.expert_domain, 99).data) == 0  # an absent layer: an empty figure
+
+
+def test_hostile_corpus_through_the_whole_pipeline_is_escaped(tiny_ckpt, tmp_path):
+    """A real corpus with <script>, quotes and & goes through capture, train, analyze and report."""
+    import json as _json
+    from html.parser import HTMLParser
+
+    from routesae.analyze import AnalyzeConfig, analyze
+    from routesae.capture import CaptureConfig, capture
+    from routesae.report import ReportConfig, build_report
+    from routesae.train import TrainConfig, train
+
+    corpus = tmp_path / "hostile.jsonl"
+    text = 'Hello <script>alert("x")</script> & "quoted" \'single\' <b>bold</b> a & b. '
+    corpus.write_text("".join(_json.dumps({"text": text * 6, "domain": d}) + "\n" for d in ("a<i>", "b&c") * 6))
+    store = capture(CaptureConfig(model=str(tiny_ckpt("olmoe")), corpus=str(corpus), out=str(tmp_path / "s"),
+                                  ctx=32, layers="all", device="cpu", progress=False))
+    run = train(TrainConfig(store=str(store), out=str(tmp_path / "run"), latents=64, k=4, batch_tokens=128,
+                            device="cpu", progress=False))
+    analyze(AnalyzeConfig(run=str(run), tokens=2048, device="cpu", with_model=False))
+    html = (build_report(ReportConfig(run=str(run), formats="html,md"))["report.html"]).read_text()
+
+    class Scripts(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.scripts, self.italic = [], 0
+            self._in = False
+
+        def handle_starttag(self, tag, attrs):
+            self._in = tag == "script"
+            if tag == "script":
+                assert not any(k == "src" for k, _ in attrs)
+                self.scripts.append("")
+            self.italic += tag == "i"
+
+        def handle_data(self, data):
+            if self._in:
+                self.scripts[-1] += data
+
+    p = Scripts()
+    p.feed(html)
+    assert p.scripts and not any("alert(" in s for s in p.scripts)  # corpus text never becomes a script
+    assert p.italic == 0 and "a<i>" not in html  # the domain label "a<i>" never becomes markup ...
+    assert "a&lt;i&gt;" in html and "b&amp;c" in html  # ... it is shown escaped, like every corpus string
