@@ -428,8 +428,8 @@ def test_end_to_end_headless_chromium(run, tmp_path):
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
         browser.screenshot(ARTIFACTS / "feature.png")
         text, _ = browser.page_when(f"{url}/?feature=3", "Latent 3")  # the root permalink redirects
-        text, _ = browser.page_when(f"{url}/", "Training")  # the default page lives at the root
-        assert "interpretable" in text, text
+        text, _ = browser.page_when(f"{url}/", "interpretable")  # the default page lives at the root
+        assert "Training" in text and "Evaluation" in text, text
         text, _ = browser.page_when(f"{url}/experts", "Specialisation")
         browser.screenshot(ARTIFACTS / "experts.png")
         text, _ = browser.page_when(f"{url}/tokens", "Token explorer")
