@@ -364,7 +364,7 @@ def _store_diff(store: Store, group: pd.DataFrame, layers: list[int], resid: Ten
 # ---------------------------------------------------------------- entry point
 
 
-def _default_model(store: Store) -> str | None:
+def store_model(store: Store) -> str | None:
     name = (store.manifest.get("model") or {}).get("name_or_path")
     return name if name and Path(name).expanduser().is_dir() else None
 
@@ -404,7 +404,7 @@ def evaluate(cfg: EvalConfig, model=None) -> dict[str, Any]:
         "config": asdict(cfg),
         **_reconstruction_metrics(sae, store, n_tokens, cfg.batch_tokens, device),
     }
-    model_path = cfg.model or _default_model(store)
+    model_path = cfg.model or store_model(store)
     if not cfg.splice:
         result["splice"] = {"skipped": "splice=False"}
     elif model is None and model_path is None:

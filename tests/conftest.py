@@ -39,3 +39,19 @@ def corpus_jsonl(tmp_path_factory) -> Path:
         for i, (domain, text) in enumerate(DOCS * 3):
             f.write(json.dumps({"text": text, "domain": domain, "doc_id": f"d{i}"}) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_ckpt, corpus_jsonl):
+    """``tiny_store(out, arch="olmoe", **capture_options)`` -> a Store captured from a tiny model on the test corpus.
+
+    Defaults: ctx 24, CPU, no progress bar, seed 1; any CaptureConfig field can be overridden.
+    """
+    from routesae.capture import CaptureConfig, capture
+    from routesae.store import Store
+
+    def make(out, arch: str = "olmoe", **options) -> Store:
+        base = {"ctx": 24, "device": "cpu", "progress": False, "seed": 1, **options}
+        return Store(capture(CaptureConfig(model=str(tiny_ckpt(arch)), corpus=str(corpus_jsonl), out=str(out), **base)))
+
+    return make

@@ -21,9 +21,8 @@ from routesae.analyze.features import (
     store_domains,
 )
 from routesae.analyze.run import AnalyzeConfig, analyze
-from routesae.capture import CaptureConfig, capture
 from routesae.sae import SAEConfig, build_sae
-from routesae.store import TOKENS_DIR, Store
+from routesae.store import TOKENS_DIR
 
 torch.set_num_threads(1)
 LAYERS = [1, 2, 3]
@@ -31,12 +30,9 @@ M = 48
 
 
 @pytest.fixture(scope="module")
-def store(tiny_ckpt, corpus_jsonl, tmp_path_factory):
-    out = tmp_path_factory.mktemp("analyze") / "store"
-    cfg = CaptureConfig(model=str(tiny_ckpt("olmoe")), corpus=str(corpus_jsonl), out=str(out), ctx=24,
-                        batch_size=2, layers="0:3", shard_mb=0.01, device="cpu", progress=False, seed=1,
-                        max_tokens=480)
-    return Store(capture(cfg))
+def store(tiny_store, tmp_path_factory):
+    return tiny_store(tmp_path_factory.mktemp("analyze") / "store", batch_size=2, layers="0:3", shard_mb=0.01,
+                      max_tokens=480)
 
 
 @pytest.fixture(scope="module")

@@ -8,22 +8,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from routesae.capture import CaptureConfig, capture
 from routesae.evaluate import EvalConfig, evaluate
 from routesae.sae import SAEConfig, build_sae, standardize
-from routesae.store import Store, StoreError
+from routesae.store import StoreError
 
 torch.set_num_threads(1)
 LAYERS = [0, 1, 2]
 
 
 @pytest.fixture(scope="module")
-def store(tiny_ckpt, corpus_jsonl, tmp_path_factory):
-    out = tmp_path_factory.mktemp("eval") / "store"
-    cfg = CaptureConfig(model=str(tiny_ckpt("olmoe")), corpus=str(corpus_jsonl), out=str(out), ctx=24,
-                        batch_size=4, layers="0:2", shard_mb=0.02, device="cpu", progress=False, seed=1,
-                        max_tokens=400)
-    return Store(capture(cfg))
+def store(tiny_store, tmp_path_factory):
+    return tiny_store(tmp_path_factory.mktemp("eval") / "store", batch_size=4, layers="0:2", shard_mb=0.02,
+                      max_tokens=400)
 
 
 def _sae(arch, layers, seed=0, **kw):

@@ -8,11 +8,8 @@ from routesae.store import Store, StoreError
 
 
 @pytest.fixture(scope="module")
-def store(tiny_ckpt, corpus_jsonl, tmp_path_factory):
-    out = tmp_path_factory.mktemp("store") / "s"
-    cfg = CaptureConfig(model=str(tiny_ckpt("olmoe")), corpus=str(corpus_jsonl), out=str(out), ctx=24,
-                        batch_size=3, layers="0,2", shard_mb=0.01, device="cpu", progress=False)
-    return Store(capture(cfg))
+def store(tiny_store, tmp_path_factory):
+    return tiny_store(tmp_path_factory.mktemp("store") / "s", batch_size=3, layers="0,2", shard_mb=0.01, seed=0)
 
 
 def _all_rows(s: Store) -> torch.Tensor:

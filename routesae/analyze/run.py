@@ -26,7 +26,7 @@ import pandas as pd
 
 from routesae.analyze.features import FEATURE_COUNT, feature_tables
 from routesae.atomic import atomic_path, atomic_write_json
-from routesae.evaluate import _default_model, load_run
+from routesae.evaluate import load_run, store_model
 from routesae.models.load import ModelConfig, load_model, resolve_device
 from routesae.store import StoreError
 
@@ -83,7 +83,7 @@ def analyze(cfg: AnalyzeConfig, model=None, tokenizer=None) -> Path:
     n_tokens = min(cfg.tokens or DEFAULT_TOKENS, store.n_tokens)
     if n_tokens < 1 or cfg.batch_tokens < 1 or cfg.top_contexts < 1 or cfg.quantile_bins < 1 or cfg.hist_bins < 1:
         raise StoreError("--tokens, --batch-tokens, --top-contexts, --quantile-bins and --hist-bins must be positive")
-    model_path = cfg.model or _default_model(store)
+    model_path = cfg.model or store_model(store)
     if cfg.with_model and model is None and model_path is not None:
         model, tok = load_model(ModelConfig(model_path, "float32", str(device)))
         tokenizer = tokenizer or tok
