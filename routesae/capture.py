@@ -158,30 +158,29 @@ def _token_strings(tokenizer, vocab_size: int) -> np.ndarray:
     return np.array([tokenizer.decode([i]) for i in range(n)], dtype=object)
 
 
-def _router_arrays(route: dict[int, RoutingDecision], moe_layers: list[int], keep: torch.Tensor, k_max: int,
-                   extras: tuple[str, ...], want_logits: bool) -> dict[str, torch.Tensor]:
-    idx, wts, act, logits = [], [], [], []
-    extra: dict[str, list[torch.Tensor]] = {e: [] for e in extras}
-    for layer in moe_layers:
-        d = route[layer]
-        i, w = d.indices[keep].cpu(), d.weights[keep].float().cpu()
+def _router_arrays(route: dict[int, RoutingDecision], moe_layers: list[int], rows: torch.Tensor | None,
+                   k_max: int, extras: tuple[str, ...], want_logits: bool) -> dict[str, torch.Tensor]:
+    """Stack the MoE layers' decisions into the store's arrays, keeping ``rows`` (None: all rows)."""
+    def stack(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        t = torch.stack(parts, 1)
+        return (t if rows is None else t.index_select(0, rows)).to(dtype).cpu()
+
+    decisions = [route[layer] for layer in moe_layers]
+    idx, wts = [], []
+    for d in decisions:
+        i, w = d.indices, d.weights
         if i.shape[1] < k_max:  # variable-k: pad unused slots
             pad = k_max - i.shape[1]
             i = torch.nn.functional.pad(i, (0, pad), value=-1)
             w = torch.nn.functional.pad(w, (0, pad), value=0.0)
         idx.append(i)
         wts.append(w)
-        act.append(d.n_active[keep].cpu())
-        if want_logits and d.logits is not None:
-            logits.append(d.logits[keep].float().cpu())
-        for e in extras:
-            extra[e].append(d.extra[e][keep].float().cpu())
-    out = {"indices": torch.stack(idx, 1).to(torch.int16), "weights": torch.stack(wts, 1).to(torch.float16),
-           "n_active": torch.stack(act, 1).to(torch.uint8)}
-    if logits:
-        out["logits"] = torch.stack(logits, 1).to(torch.float16)
-    for e, parts in extra.items():
-        out[e] = torch.stack(parts, 1).to(torch.float16)
+    out = {"indices": stack(idx, torch.int16), "weights": stack(wts, torch.float16),
+           "n_active": stack([d.n_active for d in decisions], torch.uint8)}
+    if want_logits and all(d.logits is not None for d in decisions):
+        out["logits"] = stack([d.logits for d in decisions], torch.float16)
+    for e in extras:
+        out[e] = stack([d.extra[e] for d in decisions], torch.float16)
     return out
 
 
@@ -274,8 +273,9 @@ def capture(cfg: CaptureConfig, on_shard: Callable[[dict], None] | None = None, 
         nonlocal buffered, pending
         if not buffered:
             return
-        router = ({k: torch.cat([r[k] for r in buf_router]) for k in buf_router[0]} if buf_router else None)
-        parts = (torch.cat(buf_resid), router, pd.concat(buf_tokens, ignore_index=True), contexts_end)
+        # chunks go to the writer as they are: it writes them back to back, with no concatenation
+        router = ({k: [r[k] for r in buf_router] for k in buf_router[0]} if buf_router else None)
+        parts = (list(buf_resid), router, pd.concat(buf_tokens, ignore_index=True), contexts_end)
         buf_resid.clear(), buf_router.clear(), buf_tokens.clear()
         buffered = 0
         settle()
@@ -295,9 +295,10 @@ def capture(cfg: CaptureConfig, on_shard: Callable[[dict], None] | None = None, 
                 pos = torch.cumsum(keep.long(), 0)
                 keep &= pos <= room
             n = int(keep.sum())
-            buf_resid.append(resid[keep].cpu())
+            rows = None if n == keep.numel() else keep.nonzero().squeeze(1)  # None: every row is real
+            buf_resid.append((resid if rows is None else resid.index_select(0, rows)).cpu())
             if runner.moe_layers:
-                buf_router.append(_router_arrays(route, runner.moe_layers, keep, k_max, extras, cfg.router_logits))
+                buf_router.append(_router_arrays(route, runner.moe_layers, rows, k_max, extras, cfg.router_logits))
             buf_tokens.append(_token_rows(batch, builder, token_text, keep.cpu().numpy()))
             buffered += n
             total += n

@@ -30,9 +30,9 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as st_save
 
-from routesae.atomic import atomic_path, atomic_write_bytes, atomic_write_json
+from routesae.atomic import atomic_path, atomic_write_json
+from routesae.shard_file import write_chunked_safetensors
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -41,6 +41,13 @@ TOKENS_DIR = "tokens.parquet"
 
 class StoreError(ValueError):
     """A store that cannot be used as asked; the message says what to change."""
+
+
+Chunks = torch.Tensor | list[torch.Tensor]
+
+
+def _chunk_list(x: Chunks) -> list[torch.Tensor]:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
 def _shard_name(kind: str, index: int, ext: str = "safetensors") -> str:
@@ -93,22 +100,25 @@ class StoreWriter:
     def tokens_done(self) -> int:
         return int(self.manifest["tokens"])
 
-    def write_shard(self, resid: torch.Tensor, router: dict[str, torch.Tensor] | None,
+    def write_shard(self, resid: Chunks, router: dict[str, Chunks] | None,
                     tokens: pd.DataFrame, contexts_end: int) -> dict:
-        """Write one shard (all rows of complete contexts) and then record it in the manifest."""
+        """Write one shard (all rows of complete contexts) and then record it in the manifest.
+
+        ``resid`` and each router array are a tensor or a list of row chunks (one per batch),
+        written back to back without concatenating them in memory first.
+        """
         index = len(self.manifest["shards"])
-        n = resid.shape[0]
-        if len(tokens) != n or (router and any(v.shape[0] != n for v in router.values())):
+        resid = _chunk_list(resid)
+        router = {k: _chunk_list(v) for k, v in router.items()} if router else None
+        n = sum(c.shape[0] for c in resid)
+        if len(tokens) != n or (router and any(sum(c.shape[0] for c in v) != n for v in router.values())):
             raise StoreError("shard parts disagree on the number of tokens (internal error)")
         files: dict[str, str] = {}
-
-        def put(name: str, data: bytes) -> None:
-            atomic_write_bytes(self.root / name, data)
-            files[name] = hashlib.sha256(data).hexdigest()
-
-        put(_shard_name("acts", index), st_save({"resid": resid.contiguous()}))
+        name = _shard_name("acts", index)
+        files[name] = write_chunked_safetensors(self.root / name, {"resid": resid})
         if router:
-            put(_shard_name("router", index), st_save({k: v.contiguous() for k, v in router.items()}))
+            name = _shard_name("router", index)
+            files[name] = write_chunked_safetensors(self.root / name, router)
         tokens = tokens.assign(shard=np.int32(index), row=np.arange(n, dtype=np.int64))
         with atomic_path(self.root / TOKENS_DIR / f"part-{index:05d}.parquet") as tmp:
             tokens.to_parquet(tmp, index=False)
