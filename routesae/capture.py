@@ -228,6 +228,7 @@ def capture(cfg: CaptureConfig, on_shard: Callable[[dict], None] | None = None, 
         raise CaptureError("passing a loaded model works with backend hf only")
     if cfg.backend == "tl" and cfg.routing_override:
         raise CaptureError("--routing-override works with --backend hf only")
+    RoutingOverride.parse(cfg.routing_override)  # a bad string fails before the model loads
     model, tok, runner_cls, n_layers, d_model, conf = _open(cfg, model, tokenizer)
     if tok is None:
         raise CaptureError(f"no tokenizer found with model '{cfg.model}'; put tokenizer files in the checkpoint folder")

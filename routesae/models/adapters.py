@@ -133,6 +133,7 @@ class HFMoEAdapter(RouterAdapter):
 
     # ---- the routing rule, for interventions -----------------------------------------------
     topk_sorted: ClassVar[bool] = True  # whether the family's torch.topk returns sorted slots
+    min_slots: ClassVar[int] = 1  # interventions pad narrower sets (weight-0 repeats) to this width
 
     def normalise_topk(self) -> bool:
         """Softmax families: whether the chosen probabilities are renormalised to sum to 1."""
@@ -324,6 +325,7 @@ class LongcatFlashAdapter(HFMoEAdapter):
     router_attr = "router"
     experts_key = "n_routed_experts"
     topk_sorted = False
+    min_slots = 2  # its experts forward squeezes the slot dimension away when there is one slot
 
     def moe_layers(self) -> list[int]:
         return list(range(len(decoder_layers(self.model))))

@@ -217,6 +217,10 @@ def reroute(adapter, block: nn.Module, logits: torch.Tensor, plan: LayerPlan,
             keep[:, 0] = True
         width = int(keep.sum(-1).max())
         idx, valid = order[:, :width], keep[:, :width]
+    if idx.shape[1] < adapter.min_slots:
+        pad = adapter.min_slots - idx.shape[1]
+        idx = torch.cat([idx, idx[:, :1].expand(-1, pad)], 1)
+        valid = torch.cat([valid, torch.zeros_like(valid[:, :1]).expand(-1, pad)], 1)
     idx = torch.where(valid, idx, idx[:, :1])  # pad with the first expert at weight 0
     w = adapter.weights_for(logits, idx, valid, block).masked_fill(~valid, 0.0)
     return idx, w, valid
