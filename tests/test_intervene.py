@@ -10,6 +10,7 @@ import torch
 from routesae.models.intervene import LayerPlan, RoutingOverride, RoutingOverrideError, override_routing, reroute
 from routesae.models.routers import adapter_for
 from routesae.models.tiny import TINY_ARCHS, build_tiny
+from tests.test_routing import one_thread  # noqa: F401  (fixture: one torch thread in this module)
 
 MOE_ARCHS = [a for a in TINY_ARCHS if a != "llama"]
 
@@ -54,7 +55,7 @@ def test_topk_at_model_k_reproduces_logits_exactly(models, arch):
     assert set(active.plans) == set(adapter_for(model).moe_layers())
 
 
-@pytest.mark.parametrize("arch", MOE_ARCHS)
+@pytest.mark.parametrize("arch", ["olmoe", "deepseek_v3", "gpt_oss", "longcat_flash"])
 def test_topp_one_uses_every_expert_and_capture_sees_it(models, arch):
     model = models(arch)
     n_exp = adapter_for(model).num_experts()
@@ -174,3 +175,17 @@ def test_capture_records_the_override(tiny_store, tmp_path):
 
     with pytest.raises(CaptureError, match="hf only"):
         capture(CaptureConfig(model="x", corpus="y", out=str(tmp_path / "t"), backend="tl", routing_override="topk:1"))
+
+
+def test_evaluate_splices_under_the_override(tiny_store, tmp_path):
+    from tests.test_evaluate import _identity, _run
+
+    store = tiny_store(tmp_path / "s", layers="0:2", max_tokens=96, batch_size=4)
+    sae = _identity("topk", [1])
+    own = _run(sae, store, tmp_path, "own")["splice"]
+    same = _run(sae, store, tmp_path, "k2", routing_override="topk:2")["splice"]
+    top1 = _run(sae, store, tmp_path, "k1", routing_override="topk:1")["splice"]
+    assert same["ce_clean"] == own["ce_clean"] and same["routing_override"] == "topk:2"
+    assert top1["ce_clean"] != own["ce_clean"]
+    # the identity SAE reproduces the clean pass also under the override (every pass is overridden)
+    assert top1["ce_spliced"] == pytest.approx(top1["ce_clean"], abs=1e-5) and abs(top1["kl"]) < 1e-5

@@ -17,6 +17,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DOMAINS = ("code", "math", "chat", "scripture")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: one torch thread is ~5x faster than two on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def demo_corpus(tmp_path_factory) -> Path:
     """One document of each of four domains from the demo corpus' validation split."""
@@ -32,17 +41,12 @@ def demo_corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def demo_routing(demo_corpus, tmp_path_factory) -> Path:
+def demo_routing(demo_corpus, tmp_path_factory, one_thread) -> Path:
     out = tmp_path_factory.mktemp("routing") / "demo"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: one thread is 5x faster on a loaded 2-core machine
-    try:
-        return analyze_routing(RoutingAnalysisConfig(
-            model=str(ROOT / "data/demo-moe"), corpus=str(demo_corpus), out=str(out), max_tokens=1000, ctx=64,
-            batch_size=8, packing="pad", k_grid=[1, 2, 3, 4, 32], p_grid=[0.5, 1.0], per_layer="3",
-            ablate_layers="3", ablate_experts=[0, 1], device="cpu", progress=False))
-    finally:
-        torch.set_num_threads(threads)
+    return analyze_routing(RoutingAnalysisConfig(
+        model=str(ROOT / "data/demo-moe"), corpus=str(demo_corpus), out=str(out), max_tokens=1000, ctx=64,
+        batch_size=8, packing="pad", k_grid=[1, 2, 3, 4, 32], p_grid=[0.5, 1.0], per_layer="3",
+        ablate_layers="3", ablate_experts=[0, 1], device="cpu", progress=False))
 
 
 def test_needed_experts_on_the_demo_model(demo_routing):

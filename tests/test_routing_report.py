@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from routesae.analyze.routing import RoutingAnalysisConfig, analyze_routing
 from tests.analysis_fixture import make_analysis
+from tests.test_routing import one_thread  # noqa: F401  (fixture: one torch thread in this module)
 
 HOSTILE = "<script>alert(1)</script>"
 
@@ -21,15 +21,10 @@ def routing_run(tiny_ckpt, tmp_path_factory):
             {"text": "The fox & the <i>dog</i> sleep. " * 3, "domain": HOSTILE}]
     corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
     run = make_analysis(tmp)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        analyze_routing(RoutingAnalysisConfig(
-            model=str(tiny_ckpt("olmoe")), corpus=str(corpus), out=str(run / "routing"), max_tokens=96, ctx=24,
-            batch_size=4, packing="pad", k_grid=[1, 2, 8], p_grid=[0.5, 0.9], per_layer="1", ablate_layers="2",
-            ablate_experts=[0, 1, 2], device="cpu", progress=False))
-    finally:
-        torch.set_num_threads(threads)
+    analyze_routing(RoutingAnalysisConfig(
+        model=str(tiny_ckpt("olmoe")), corpus=str(corpus), out=str(run / "routing"), max_tokens=96, ctx=24,
+        batch_size=4, packing="pad", k_grid=[1, 2, 8], p_grid=[0.5, 0.9], per_layer="1", ablate_layers="2",
+        ablate_experts=[0, 1, 2], device="cpu", progress=False))
     return run
 
 
