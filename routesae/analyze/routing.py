@@ -41,7 +41,7 @@ from routesae.atomic import atomic_path, atomic_write_json
 from routesae.capture import _token_rows, _token_strings
 from routesae.corpus import ContextBuilder, CorpusConfig, iter_documents
 from routesae.layers import parse_layers
-from routesae.models.intervene import RoutingOverride, _total_experts, override_routing
+from routesae.models.intervene import RoutingOverride, override_routing, scored_experts
 from routesae.models.load import ModelConfig, decoder_layers, first_device, load_model
 from routesae.models.routers import adapter_for
 
@@ -150,8 +150,44 @@ def _layer_subset(spec: str, moe: list[int], n_blocks: int, option: str) -> list
     return layers
 
 
+@dataclass
+class _Grid:
+    """What one analysis runs: the model's k and MoE layers, the k' grid and the layer / expert subsets."""
+
+    k: int
+    moe: list[int]
+    k_grid: list[int]
+    view_layers: list[int]
+    abl_layers: list[int]
+    experts: list[int]
+
+    @property
+    def small(self) -> list[int]:
+        return [kk for kk in self.k_grid if kk < self.k]
+
+
+def _grid(cfg: RoutingAnalysisConfig, model, adapter) -> _Grid:
+    """Check the config against the model (one-line errors) and resolve its defaults."""
+    if cfg.max_tokens < 1 or cfg.batch_size < 1:
+        raise RoutingAnalysisError("--max-tokens and --batch-size must be positive")
+    k, n_exp, total, moe = adapter.top_k(), adapter.num_experts(), scored_experts(adapter), adapter.moe_layers()
+    k_grid = sorted(set(cfg.k_grid or default_k_grid(k, total)))
+    if k_grid[0] < 1 or k_grid[-1] > total:
+        raise RoutingAnalysisError(f"--k-grid values must be 1..{total}")
+    if any(not 0 < p <= 1 for p in cfg.p_grid) or any(e < 0 for e in cfg.eps) or not cfg.eps:
+        raise RoutingAnalysisError("--p-grid values must be in (0, 1] and --eps values >= 0")
+    n_blocks = len(decoder_layers(model))
+    experts = sorted(set(range(n_exp) if cfg.ablate_experts is None else cfg.ablate_experts))
+    if experts and (experts[0] < 0 or experts[-1] >= n_exp):
+        raise RoutingAnalysisError(f"--ablate-experts must be 0..{n_exp - 1}")
+    return _Grid(k, moe, k_grid, _layer_subset(cfg.per_layer, moe, n_blocks, "--per-layer"),
+                 _layer_subset(cfg.ablate_layers, moe, n_blocks, "--ablate-layers"), experts)
+
+
 def analyze_routing(cfg: RoutingAnalysisConfig, model=None, tokenizer=None) -> Path:
-    """Write the dynamic-routing tables and ``summary.json`` into ``cfg.out``; returns that folder."""
+    """Write the dynamic-routing tables and ``summary.json`` into ``cfg.out``; returns that folder.
+
+    ``model`` / ``tokenizer``: an already loaded Hugging Face MoE causal LM (else ``cfg.model`` is loaded)."""
     t0 = time.time()
     if model is None:
         model, tokenizer = load_model(ModelConfig(cfg.model, cfg.dtype, cfg.device, None, cfg.trust_remote_code))
@@ -160,46 +196,50 @@ def analyze_routing(cfg: RoutingAnalysisConfig, model=None, tokenizer=None) -> P
     adapter = adapter_for(model)
     if adapter is None:
         raise RoutingAnalysisError(f"analyze-routing needs an MoE model; '{cfg.model}' has no router")
-    if cfg.max_tokens < 1 or cfg.batch_size < 1:
-        raise RoutingAnalysisError("--max-tokens and --batch-size must be positive")
-    k, n_exp, total, moe = adapter.top_k(), adapter.num_experts(), _total_experts(adapter), adapter.moe_layers()
-    k_grid = sorted(set(cfg.k_grid or default_k_grid(k, total)))
-    if k_grid[0] < 1 or k_grid[-1] > total:
-        raise RoutingAnalysisError(f"--k-grid values must be 1..{total}")
-    if any(not 0 < p <= 1 for p in cfg.p_grid) or any(e < 0 for e in cfg.eps):
-        raise RoutingAnalysisError("--p-grid values must be in (0, 1] and --eps values >= 0")
-    n_blocks = len(decoder_layers(model))
-    abl_layers = _layer_subset(cfg.ablate_layers, moe, n_blocks, "--ablate-layers")
-    view_layers = _layer_subset(cfg.per_layer, moe, n_blocks, "--per-layer")
-    experts = sorted(set(range(n_exp) if cfg.ablate_experts is None else cfg.ablate_experts))
-    if experts and (experts[0] < 0 or experts[-1] >= n_exp):
-        raise RoutingAnalysisError(f"--ablate-experts must be 0..{n_exp - 1}")
-    small = [kk for kk in k_grid if kk < k]
-
+    grid = _grid(cfg, model, adapter)
     # on CPU the eager experts loop is far faster than grouped_mm for small batches (same routing)
     previous = getattr(model.config, "_experts_implementation", None)
     if first_device(model).type == "cpu" and previous not in (None, "eager") and hasattr(
             model, "set_experts_implementation"):
         model.set_experts_implementation("eager")
     try:
-        return _analyze(cfg, model, tokenizer, adapter, k, moe, k_grid, (view_layers, abl_layers, experts),
-                        small, t0)
+        acc, done = _collect(cfg, model, tokenizer, adapter, grid)
     finally:
         if previous not in (None, "eager") and model.config._experts_implementation != previous:
             model.set_experts_implementation(previous)
+    tables, headline = routing_tables(acc, k=grid.k, k_grid=grid.k_grid, eps=cfg.eps, moe=grid.moe,
+                                      view_layers=grid.view_layers,
+                                      default_eps=DEFAULT_EPS if DEFAULT_EPS in cfg.eps else cfg.eps[0])
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, df in tables.items():
+        with atomic_path(out / f"{name}.parquet") as tmp:
+            df.to_parquet(tmp, index=False)
+    seconds = time.time() - t0
+    summary = {
+        "model": cfg.model, "model_type": model.config.model_type, "corpus": cfg.corpus, "split": cfg.split,
+        "tokens": done, "top_k": grid.k, "n_experts": adapter.num_experts(), "scored_experts": scored_experts(adapter),
+        "moe_layers": grid.moe, "k_grid": grid.k_grid, "p_grid": list(cfg.p_grid), "eps": list(cfg.eps), **headline,
+        "ablate_layers": grid.abl_layers, "ablate_experts": grid.experts, "per_layer_layers": grid.view_layers,
+        "seconds": round(seconds, 1), "tokens_per_second": round(done / max(seconds, 1e-9), 1),
+        "config": asdict(cfg), "definitions": DEFINITIONS, "tables": sorted(f"{name}.parquet" for name in tables),
+    }
+    atomic_write_json(out / "summary.json", summary)
+    log.info("analyze-routing: %d tokens in %.0fs, tables in %s", done, seconds, out)
+    return out
 
 
-def _analyze(cfg, model, tokenizer, adapter, k, moe, k_grid, views, small, t0) -> Path:
-    view_layers, abl_layers, experts = views
+def _collect(cfg: RoutingAnalysisConfig, model, tokenizer, adapter, grid: _Grid) -> tuple[dict[str, list], int]:
+    """Per-batch arrays of every view (see routing_tables for their layout) and the tokens read."""
+    from tqdm.auto import tqdm
+
     docs = iter_documents(CorpusConfig(cfg.corpus, cfg.text_field, cfg.domain_field, cfg.split, seed=cfg.seed))
     builder = ContextBuilder(tokenizer, cfg.ctx, cfg.packing)
     token_text = _token_strings(tokenizer, int(model.config.vocab_size))
     device = first_device(model)
-    acc: dict[str, list] = {"tokens": [], "ce_own": [], "own": [], "topk_kl": [], "topk_ce": [], "layer_kl": [],
-                            "topp_kl": [], "topp_ce": [], "topp_n": [], "abl_ce": []}
+    acc: dict[str, list] = {key: [] for key in ("tokens", "ce_own", "own", "topk_kl", "topk_ce", "layer_kl",
+                                                 "topp_kl", "topp_ce", "topp_n", "abl_ce")}
     done = 0
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=cfg.max_tokens, unit="tok", unit_scale=True, desc="analyze-routing", disable=not cfg.progress,
                dynamic_ncols=True)
     try:
@@ -213,17 +253,17 @@ def _analyze(cfg, model, tokenizer, adapter, k, moe, k_grid, views, small, t0) -
             acc["tokens"].append(_token_rows(batch, builder, token_text, keep.numpy()))
             acc["ce_own"].append(fw.ce_own)
             acc["own"].append(_own_counts(model, adapter, fw))
-            runs = {kk: fw.run(RoutingOverride.of("topk", kk)) for kk in k_grid}
+            runs = {kk: fw.run(RoutingOverride.of("topk", kk)) for kk in grid.k_grid}
             acc["topk_kl"].append({kk: r[0] for kk, r in runs.items()})
             acc["topk_ce"].append({kk: r[1] for kk, r in runs.items()})
             acc["layer_kl"].append({(layer, kk): fw.run(RoutingOverride.of("topk", kk, [layer]))[0]
-                                    for layer in view_layers for kk in small})
+                                    for layer in grid.view_layers for kk in grid.small})
             runs = {p: fw.run(RoutingOverride.of("topp", p), record=True) for p in cfg.p_grid}
             acc["topp_kl"].append({p: r[0] for p, r in runs.items()})
             acc["topp_ce"].append({p: r[1] for p, r in runs.items()})
             acc["topp_n"].append({p: r[2] for p, r in runs.items()})
             acc["abl_ce"].append({(layer, e): fw.run(RoutingOverride.of("ablate", [e], [layer]))[1]
-                                  for layer in abl_layers for e in experts})
+                                  for layer in grid.abl_layers for e in grid.experts})
             n = int(keep.sum())
             done += n
             bar.update(n)
@@ -231,26 +271,7 @@ def _analyze(cfg, model, tokenizer, adapter, k, moe, k_grid, views, small, t0) -
         bar.close()
     if done == 0:
         raise RoutingAnalysisError(f"no tokens read from corpus '{cfg.corpus}' (split {cfg.split})")
-    tables, headline = routing_tables(acc, k=k, k_grid=k_grid, eps=cfg.eps, moe=moe, view_layers=view_layers,
-                                      default_eps=DEFAULT_EPS if DEFAULT_EPS in cfg.eps else cfg.eps[0])
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, df in tables.items():
-        with atomic_path(out / f"{name}.parquet") as tmp:
-            df.to_parquet(tmp, index=False)
-    summary = {
-        "model": cfg.model, "model_type": model.config.model_type, "corpus": cfg.corpus, "split": cfg.split,
-        "tokens": done, "top_k": k, "n_experts": adapter.num_experts(), "scored_experts": _total_experts(adapter),
-        "moe_layers": moe,
-        "k_grid": k_grid, "p_grid": list(cfg.p_grid), "eps": list(cfg.eps), **headline,
-        "ablate_layers": abl_layers, "ablate_experts": experts, "per_layer_layers": view_layers,
-        "seconds": round(time.time() - t0, 1),
-        "tokens_per_second": round(done / max(time.time() - t0, 1e-9), 1), "config": asdict(cfg),
-        "definitions": DEFINITIONS, "tables": sorted(f"{name}.parquet" for name in tables),
-    }
-    atomic_write_json(out / "summary.json", summary)
-    log.info("analyze-routing: %d tokens in %.0fs, tables in %s", done, time.time() - t0, out)
-    return out
+    return acc, done
 
 
 DEFINITIONS = {

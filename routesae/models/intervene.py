@@ -126,7 +126,7 @@ class RoutingOverride:
 
     def max_width(self, adapter) -> int:
         """The most expert slots a token can get under this override (store width)."""
-        k, total = adapter.top_k(), _total_experts(adapter)
+        k, total = adapter.top_k(), scored_experts(adapter)
         width = k
         for p in self.plans(adapter.moe_layers()).values():
             width = max(width, total if p.rule in ("topp", "threshold") else int(p.value or k))
@@ -134,7 +134,7 @@ class RoutingOverride:
 
     def check(self, adapter) -> None:
         """Raise RoutingOverrideError if a clause names a non-MoE layer, an unknown expert or k > E."""
-        moe, total = adapter.moe_layers(), _total_experts(adapter)
+        moe, total = adapter.moe_layers(), scored_experts(adapter)
         for c in self.clauses:
             bad = [x for x in (c.layers or ()) if x not in moe]
             if bad:
@@ -180,7 +180,7 @@ def _parse_layers(at: str | None) -> tuple[int, ...] | None:
     return tuple(sorted({int(x) for x in spec.split(",") if x}))
 
 
-def _total_experts(adapter) -> int:
+def scored_experts(adapter) -> int:
     """Routed experts plus zero-computation experts (what the router scores)."""
     return adapter.num_experts() + int(getattr(adapter.config, "zero_expert_num", 0) or 0)
 
