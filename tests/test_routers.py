@@ -77,7 +77,7 @@ def oracle(arch, model, layer, logits):
 EXPECTED_MOE_LAYERS = {
     "olmoe": [0, 1, 2, 3], "mixtral": [0, 1, 2, 3], "qwen2_moe": [0, 2, 3],
     "qwen3_moe": [0, 1, 2, 3], "deepseek_v3": [1, 2, 3], "gpt_oss": [0, 1, 2, 3],
-    "granitemoe": [0, 1, 2, 3], "longcat_flash": [0, 1, 2],
+    "granitemoe": [0, 1, 2, 3], "longcat_flash": [0, 1],
 }
 TOP_K = {"longcat_flash": 3}
 

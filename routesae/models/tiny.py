@@ -11,7 +11,7 @@ zero), and family-specific routing features are switched on so the adapters are 
   ``routed_scaling_factor=2.5``, ``norm_topk_prob=True``
 - ``gpt_oss``: router bias; ``granitemoe``: ``block_sparse_moe.router``
 - ``longcat_flash``: 8 real + 4 zero-computation (identity) experts, top-3, so the number of real
-  experts per token varies from 0 to 3; 3 decoder blocks (``num_hidden_layers`` counts 6 sublayers)
+  experts per token varies from 0 to 3; 2 decoder blocks (``num_hidden_layers`` counts 4 sublayers)
 - ``llama``: a dense model (no router)
 
 Special ids: pad 0, bos 1, eos 2 (the tokenizer from :func:`save_tiny` uses the same ids).
@@ -64,7 +64,7 @@ _SPECS: dict[str, tuple[str, str, dict]] = {
         **_TOP2_OF_8, "num_local_experts": 8}),
     "longcat_flash": ("LongcatFlashConfig", "LongcatFlashForCausalLM", {
         "num_experts_per_tok": 3, "n_routed_experts": 8, "zero_expert_num": 4, "expert_ffn_hidden_size": 32,
-        "num_hidden_layers": 6, "routed_scaling_factor": 1.5, "kv_lora_rank": 16, "q_lora_rank": 24,
+        "num_hidden_layers": 4, "routed_scaling_factor": 1.5, "kv_lora_rank": 16, "q_lora_rank": 24,
         "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "head_dim": 8, "v_head_dim": 8, "num_key_value_heads": 4}),
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
 }
