@@ -140,8 +140,9 @@ class TLRunner:
     def __init__(self, model, layers: list[int], want_logits: bool, override: str | None = None):
         from routesae.models import tl
 
+        self._override = contextlib.ExitStack()
         if override:
-            raise CaptureError("--routing-override works with --backend hf only")
+            self._override.enter_context(override_routing(model, override))
         self.model = model
         self.layers = layers
         self.want_logits = want_logits
@@ -155,7 +156,7 @@ class TLRunner:
         return resid.flatten(0, 1), route
 
     def close(self) -> None:
-        pass
+        self._override.close()
 
 
 # ---------------------------------------------------------------- helpers
@@ -226,8 +227,6 @@ def capture(cfg: CaptureConfig, on_shard: Callable[[dict], None] | None = None, 
     """
     if model is not None and cfg.backend != "hf":
         raise CaptureError("passing a loaded model works with backend hf only")
-    if cfg.backend == "tl" and cfg.routing_override:
-        raise CaptureError("--routing-override works with --backend hf only")
     RoutingOverride.parse(cfg.routing_override)  # a bad string fails before the model loads
     model, tok, runner_cls, n_layers, d_model, conf = _open(cfg, model, tokenizer)
     if tok is None:
@@ -239,15 +238,18 @@ def capture(cfg: CaptureConfig, on_shard: Callable[[dict], None] | None = None, 
                                                        else None)
     k_max = adapter.top_k() if adapter else (getattr(model.cfg, "experts_per_token", None) if cfg.backend == "tl"
                                              else None)
-    if adapter and cfg.routing_override:  # wider sets under top-p / threshold / top-k' > k
-        k_max = RoutingOverride.parse(cfg.routing_override).max_width(adapter)
+    top_k = k_max
+    if cfg.routing_override and runner.moe_layers:  # wider sets under top-p / threshold / top-k' > k
+        from routesae.models.intervene import _TLRule
+
+        k_max = RoutingOverride.parse(cfg.routing_override).max_width(adapter or _TLRule(model))
     extras = adapter.extra_fields() if adapter else ()
     header = {
         "model": {"name_or_path": cfg.model, "config_hash": config_hash(model) if cfg.backend == "hf" else None,
                   "architecture": (getattr(conf, "architectures", None) or [type(model).__name__])[0],
                   "model_type": getattr(conf, "model_type", None), "vocab_size": int(conf.vocab_size)},
         "d_model": int(d_model), "n_layers": int(n_layers), "layers": layers, "moe_layers": runner.moe_layers,
-        "n_experts": n_experts, "top_k": adapter.top_k() if adapter else k_max, "k_max": k_max,
+        "n_experts": n_experts, "top_k": top_k, "k_max": k_max,
         "routing_override": str(RoutingOverride.parse(cfg.routing_override)) or None,
         "router_extras": list(extras), "router_logits": cfg.router_logits,
         "dtype": cfg.dtype, "ctx": cfg.ctx, "bos_token_id": getattr(tok, "bos_token_id", None),

@@ -34,7 +34,7 @@ def _fail(exc: Exception) -> None:
 
 
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, FileExistsError)
-ROUTING_OVERRIDE_HELP = ("Change routing during the forward (HF backend): topk:K, topp:P, threshold:T, "
+ROUTING_OVERRIDE_HELP = ("Change routing during the forward: topk:K, topp:P, threshold:T, "
                          "ablate:E1,E2, each optionally @layerN / @layersA:B, joined by ';'.")
 
 

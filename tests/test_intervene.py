@@ -171,10 +171,6 @@ def test_capture_records_the_override(tiny_store, tmp_path):
     assert n_active.max() > 2 and n_active.unique().numel() > 2
     ablated = tiny_store(tmp_path / "a", routing_override="ablate:3", max_tokens=64)
     assert not (ablated.load_router(0)["indices"] == 3).any()
-    from routesae.capture import CaptureConfig, CaptureError, capture
-
-    with pytest.raises(CaptureError, match="hf only"):
-        capture(CaptureConfig(model="x", corpus="y", out=str(tmp_path / "t"), backend="tl", routing_override="topk:1"))
 
 
 def test_evaluate_splices_under_the_override(tiny_store, tmp_path):
@@ -189,3 +185,27 @@ def test_evaluate_splices_under_the_override(tiny_store, tmp_path):
     assert top1["ce_clean"] != own["ce_clean"]
     # the identity SAE reproduces the clean pass also under the override (every pass is overridden)
     assert top1["ce_spliced"] == pytest.approx(top1["ce_clean"], abs=1e-5) and abs(top1["kl"]) < 1e-5
+
+
+def test_transformerlens_backend_matches_hf_under_override(tiny_ckpt, corpus_jsonl, tmp_path):
+    pytest.importorskip("transformer_lens")
+    from tests.test_tl_backend import _save_olmoe, _save_tokenizer
+
+    ckpt = _save_olmoe(tmp_path, norm_topk_prob=True)
+    _save_tokenizer(ckpt)
+    from routesae.capture import CaptureConfig, capture
+    from routesae.store import Store
+
+    stores = {}
+    for backend in ("hf", "tl"):
+        stores[backend] = Store(capture(CaptureConfig(
+            model=str(ckpt), corpus=str(corpus_jsonl), out=str(tmp_path / backend), backend=backend, ctx=24,
+            max_tokens=72, layers="1", device="cpu", progress=False, routing_override="topp:0.6;ablate:3@layer1")))
+    hf, tl = (stores[b].load_router(0) for b in ("hf", "tl"))
+    assert stores["tl"].manifest["k_max"] == 8 and stores["tl"].manifest["top_k"] == 2
+    assert torch.equal(hf["n_active"], tl["n_active"]) and hf["n_active"].unique().numel() > 1
+    hi, order = hf["indices"].long().sort(-1)
+    ti, order_t = tl["indices"].long().sort(-1)
+    assert torch.equal(hi, ti) and not (ti[:, 1] == 3).any()
+    torch.testing.assert_close(hf["weights"].float().gather(-1, order), tl["weights"].float().gather(-1, order_t),
+                               rtol=0, atol=2e-3)

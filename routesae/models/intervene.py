@@ -23,7 +23,11 @@ sigmoid; LongCat-Flash chooses by softmax + bias among real and zero-computation
 probabilities ranked by top-p and threshold are the softmax (DeepSeek-V3: the sigmoid scores
 normalised to sum to 1). ``topk:k`` at the model's own k reproduces its logits exactly.
 
-Mechanics: a forward hook on each router keeps its logits; a forward pre-hook on the block's
+TransformerLens backend (``MoE`` blocks: OLMoE, Mixtral): the MoE forward of each overridden
+block is replaced for the duration (same softmax rule, same ``hook_expert_weights`` /
+``hook_expert_indices`` hooks; the applied routing is left on ``mlp.routesae_routing`` for capture).
+
+Mechanics (Hugging Face): a forward hook on each router keeps its logits; a forward pre-hook on the block's
 ``experts`` module, registered first (``prepend=True``), replaces the ``(indices, weights)`` the
 experts receive, so capture's own hook on ``experts`` records the overridden routing. Sets of
 different sizes are padded with a repeat of the token's first expert at weight 0 (the grouped /
@@ -44,7 +48,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from routesae.models.adapters import _INDEX_KW, _WEIGHT_KW
+from routesae.models.adapters import _INDEX_KW, _WEIGHT_KW, HFMoEAdapter
 from routesae.models.routers import adapter_for
 
 RULES = ("topk", "topp", "threshold")
@@ -253,8 +257,10 @@ def override_routing(model: nn.Module, override: str | RoutingOverride | None,
                      record: bool = False) -> Iterator[ActiveOverride]:
     """Apply ``override`` to every forward of ``model`` (a Hugging Face MoE causal LM) inside the block."""
     ov = RoutingOverride.parse(override)
-    if hasattr(model, "cfg") and not hasattr(model, "config"):
-        raise RoutingOverrideError("routing overrides work on the Hugging Face backend only (--backend hf)")
+    if hasattr(model, "cfg") and not hasattr(model, "config"):  # a TransformerLens HookedTransformer
+        with _override_tl(model, ov, record) as active:
+            yield active
+        return
     adapter = adapter_for(model)
     if adapter is None:
         raise RoutingOverrideError("routing overrides need an MoE model; this one has no router")
@@ -284,3 +290,82 @@ def override_routing(model: nn.Module, override: str | RoutingOverride | None,
     finally:
         for h in handles:
             h.remove()
+
+
+# ---------------------------------------------------------------- TransformerLens
+
+
+class _TLRule:
+    """TransformerLens ``MoE`` (OLMoE, Mixtral): softmax over all experts, top-k, ``cfg.norm_topk_prob``."""
+
+    topk_sorted = True
+    min_slots = 1
+
+    def __init__(self, model):
+        from transformer_lens.components.mlps.moe import MoE
+
+        self.model, self.config = model, model.cfg
+        self.layers = [i for i, b in enumerate(model.blocks) if isinstance(b.mlp, MoE)]
+
+    def moe_layers(self) -> list[int]:
+        return self.layers
+
+    def num_experts(self) -> int:
+        return int(self.model.cfg.num_experts)
+
+    def top_k(self) -> int:
+        return int(self.model.cfg.experts_per_token)
+
+    def normalise_topk(self) -> bool:
+        return bool(self.model.cfg.norm_topk_prob)
+
+    choice_scores = HFMoEAdapter.choice_scores
+    route_probs = HFMoEAdapter.route_probs
+    weights_for = HFMoEAdapter.weights_for
+
+
+def _tl_moe_forward(mlp, x: torch.Tensor, rule: _TLRule, plan: LayerPlan) -> torch.Tensor:
+    """TransformerLens ``MoE.forward`` with the routing of ``plan``; leaves it on ``mlp.routesae_routing``."""
+    batch, pos, d_model = x.shape
+    x = x.view(-1, d_model)
+    gate_logits = mlp.W_gate(x)
+    mlp.hook_expert_weights(torch.softmax(gate_logits, dim=1, dtype=torch.float))  # same hook content as TL
+    idx, w, valid = reroute(rule, mlp, gate_logits, plan)
+    idx = mlp.hook_expert_indices(idx)
+    mlp.routesae_routing = (idx, w, valid)
+    w = w.to(x.dtype)
+    out = torch.zeros_like(x)
+    mask = torch.nn.functional.one_hot(idx, num_classes=mlp.num_experts).permute(2, 1, 0)
+    for e in range(mlp.num_experts):
+        slot, tok = torch.where(mask[e])
+        if tok.numel():
+            out.index_add_(0, tok, (mlp.experts[e](x[tok]) * w[tok, slot, None]).to(x.dtype))
+    return out.reshape(batch, pos, d_model)
+
+
+@contextlib.contextmanager
+def _override_tl(model, ov: RoutingOverride, record: bool) -> Iterator[ActiveOverride]:
+    rule = _TLRule(model)
+    if not rule.layers:
+        raise RoutingOverrideError("routing overrides need an MoE model; this one has no router")
+    ov.check(rule)
+    active = ActiveOverride(ov, ov.plans(rule.layers))
+    patched = []
+    for layer, plan in active.plans.items():
+        mlp = model.blocks[layer].mlp
+
+        def forward(x, mlp=mlp, plan=plan, layer=layer):
+            y = _tl_moe_forward(mlp, x, rule, plan)
+            if record:
+                idx, _, valid = mlp.routesae_routing
+                active.counts[layer] = valid.sum(-1)
+            return y
+
+        mlp.forward = forward
+        patched.append(mlp)
+    try:
+        yield active
+    finally:
+        for mlp in patched:
+            del mlp.forward
+            mlp.__dict__.pop("routesae_routing", None)
