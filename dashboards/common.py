@@ -37,7 +37,7 @@ RUN_ENV = "ROUTESAE_RUN"
 MODEL_ENV = "ROUTESAE_MODEL"
 HERE = Path(__file__).resolve().parent
 PAGES = {"overview": "views/overview.py", "features": "views/features.py", "experts": "views/experts.py",
-         "tokens": "views/tokens.py", "export": "views/export.py"}
+         "tokens": "views/tokens.py", "routing": "views/routing.py", "export": "views/export.py"}
 
 CONTEXT_CSS = """<style>
 .rs-ctx{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em;line-height:1.9;margin:.15em 0;
@@ -63,7 +63,8 @@ def run_arg() -> str | None:
 
 def analysis_mtime(run: Path) -> float:
     """Newest modification time in ``RUN/analysis`` (and the RUN's json files): the cache key."""
-    paths = [*(run / "analysis").glob("*"), run / "config.json", run / "eval.json", run / "metrics.jsonl",
+    paths = [*(run / "analysis").glob("*"), *(run / "routing").glob("*"),
+             run / "config.json", run / "eval.json", run / "metrics.jsonl",
              run / "train_config.json"]
     return max((p.stat().st_mtime for p in paths if p.exists()), default=0.0)
 

@@ -13,6 +13,7 @@ Python API::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -34,6 +35,7 @@ from routesae.corpus import (
     iter_documents,
 )
 from routesae.layers import parse_layers
+from routesae.models.intervene import RoutingOverride, override_routing
 from routesae.models.load import (
     ModelConfig,
     base_model,
@@ -77,13 +79,14 @@ class CaptureConfig:
     shard_mb: float = 256.0
     trust_remote_code: bool = False
     progress: bool = True
+    routing_override: str | None = None  # e.g. "topk:2", "topp:0.5", "ablate:3,7@layer5" (hf backend)
 
     def content_args(self) -> dict:
         """The arguments that decide the store's content (a re-run must repeat them)."""
         keep = ("model", "corpus", "layers", "backend", "max_tokens", "ctx", "batch_size", "dtype", "router_logits",
-                "text_field", "domain_field", "split", "packing", "seed", "shard_mb")
+                "text_field", "domain_field", "split", "packing", "seed", "shard_mb", "routing_override")
         d = asdict(self)
-        return {k: d[k] for k in keep}
+        return {k: d[k] for k in keep if k != "routing_override" or d[k]}  # older stores stay resumable
 
 
 # ---------------------------------------------------------------- forward runners
@@ -92,10 +95,13 @@ class CaptureConfig:
 class HFRunner:
     """Hooks on a Hugging Face model: chosen blocks' outputs and the router adapter's decisions."""
 
-    def __init__(self, model, layers: list[int], want_logits: bool):
+    def __init__(self, model, layers: list[int], want_logits: bool, override: str | None = None):
         self.model = model
         self.layers = layers
         self.adapter = adapter_for(model)
+        self._override = contextlib.ExitStack()
+        if override:  # entered for the runner's lifetime; its experts pre-hooks run before capture's
+            self._override.enter_context(override_routing(model, override))
         self.moe_layers = self.adapter.moe_layers() if self.adapter else []
         self._resid: dict[int, torch.Tensor] = {}
         self._route: dict[int, RoutingDecision] = {}
@@ -125,14 +131,18 @@ class HFRunner:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+        self._override.close()
 
 
 class TLRunner:
     """The same through a TransformerLens ``HookedTransformer`` (``run_with_cache``)."""
 
-    def __init__(self, model, layers: list[int], want_logits: bool):
+    def __init__(self, model, layers: list[int], want_logits: bool, override: str | None = None):
         from routesae.models import tl
 
+        self._override = contextlib.ExitStack()
+        if override:
+            self._override.enter_context(override_routing(model, override))
         self.model = model
         self.layers = layers
         self.want_logits = want_logits
@@ -146,7 +156,7 @@ class TLRunner:
         return resid.flatten(0, 1), route
 
     def close(self) -> None:
-        pass
+        self._override.close()
 
 
 # ---------------------------------------------------------------- helpers
@@ -189,8 +199,8 @@ def _open(cfg: CaptureConfig, model=None, tokenizer=None):
     mcfg = ModelConfig(cfg.model, cfg.dtype, cfg.device, cfg.device_map, cfg.trust_remote_code)
     if cfg.backend == "hf":
         model, tok = (model, tokenizer) if model is not None else load_model(mcfg)
-        conf = model.config
-        return model, tok, HFRunner, conf.num_hidden_layers, conf.hidden_size, conf
+        conf = model.config  # blocks, not conf.num_hidden_layers: LongCat-Flash counts two per block
+        return model, tok, HFRunner, len(decoder_layers(model)), conf.hidden_size, conf
     if cfg.backend == "tl":
         from routesae.models.load import resolve_device
         from routesae.models.tl import load_hooked_transformer
@@ -216,23 +226,31 @@ def capture(cfg: CaptureConfig, on_shard: Callable[[dict], None] | None = None, 
     """
     if model is not None and cfg.backend != "hf":
         raise CaptureError("passing a loaded model works with backend hf only")
+    RoutingOverride.parse(cfg.routing_override)  # a bad string fails before the model loads
     model, tok, runner_cls, n_layers, d_model, conf = _open(cfg, model, tokenizer)
     if tok is None:
         raise CaptureError(f"no tokenizer found with model '{cfg.model}'; put tokenizer files in the checkpoint folder")
     layers = parse_layers(cfg.layers, n_layers)
-    runner = runner_cls(model, layers, cfg.router_logits)
+    runner = runner_cls(model, layers, cfg.router_logits, cfg.routing_override)
     adapter = getattr(runner, "adapter", None)
     n_experts = adapter.num_experts() if adapter else (getattr(model.cfg, "num_experts", None) if cfg.backend == "tl"
                                                        else None)
     k_max = adapter.top_k() if adapter else (getattr(model.cfg, "experts_per_token", None) if cfg.backend == "tl"
                                              else None)
+    top_k = k_max
+    if cfg.routing_override and runner.moe_layers:  # wider sets under top-p / threshold / top-k' > k
+        from routesae.models.intervene import _TLRule
+
+        k_max = RoutingOverride.parse(cfg.routing_override).max_width(adapter or _TLRule(model))
     extras = adapter.extra_fields() if adapter else ()
     header = {
         "model": {"name_or_path": cfg.model, "config_hash": config_hash(model) if cfg.backend == "hf" else None,
                   "architecture": (getattr(conf, "architectures", None) or [type(model).__name__])[0],
                   "model_type": getattr(conf, "model_type", None), "vocab_size": int(conf.vocab_size)},
         "d_model": int(d_model), "n_layers": int(n_layers), "layers": layers, "moe_layers": runner.moe_layers,
-        "n_experts": n_experts, "top_k": k_max, "router_extras": list(extras), "router_logits": cfg.router_logits,
+        "n_experts": n_experts, "top_k": top_k, "k_max": k_max,
+        "routing_override": str(RoutingOverride.parse(cfg.routing_override)) or None,
+        "router_extras": list(extras), "router_logits": cfg.router_logits,
         "dtype": cfg.dtype, "ctx": cfg.ctx, "bos_token_id": getattr(tok, "bos_token_id", None),
         "corpus": {"path": cfg.corpus, "fingerprint": corpus_fingerprint(CorpusConfig(cfg.corpus))},
         "layer_numbering": "layer i = output of decoder block i = HF hidden_states[i+1]",

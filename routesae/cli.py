@@ -34,6 +34,8 @@ def _fail(exc: Exception) -> None:
 
 
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, FileExistsError)
+ROUTING_OVERRIDE_HELP = ("Change routing during the forward: topk:K, topp:P, threshold:T, "
+                         "ablate:E1,E2, each optionally @layerN / @layersA:B, joined by ';'.")
 
 
 @app.command()
@@ -59,6 +61,7 @@ def capture(
     seed: int = typer.Option(0, help="Seed of the document shuffle."),
     trust_remote_code: bool = typer.Option(False, help="Allow custom model code from the checkpoint."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    routing_override: str | None = typer.Option(None, help=ROUTING_OVERRIDE_HELP),
 ) -> None:
     """Capture residual streams and router decisions into a sharded, resumable store."""
     from routesae.capture import CaptureConfig
@@ -69,7 +72,7 @@ def capture(
                         max_tokens=max_tokens, ctx=ctx, batch_size=batch_size, dtype=dtype,
                         router_logits=router_logits, device=device, device_map=device_map, text_field=text_field,
                         domain_field=domain_field, split=split, packing=packing, shard_mb=shard_mb, seed=seed,
-                        trust_remote_code=trust_remote_code, progress=not quiet)
+                        trust_remote_code=trust_remote_code, progress=not quiet, routing_override=routing_override)
     try:
         path = run_capture(cfg)
     except USER_ERRORS as exc:
@@ -156,6 +159,7 @@ def evaluate(
     splice: bool = typer.Option(True, "--splice/--no-splice", help="Splice reconstructions into the model (CE, KL)."),
     splice_contexts: int | None = typer.Option(None, help="At most this many contexts for splicing."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    routing_override: str | None = typer.Option(None, help=ROUTING_OVERRIDE_HELP),
 ) -> None:
     """Reconstruction metrics (L0, NMSE, explained variance, dead/dense) and, with the model, CE/KL when
     spliced; writes RUN/eval.json."""
@@ -165,7 +169,7 @@ def evaluate(
     try:
         res = run_eval(EvalConfig(run=str(run), store=str(store) if store else None, model=model, tokens=tokens,
                                   batch_tokens=batch_tokens, splice=splice, splice_contexts=splice_contexts,
-                                  device=device))
+                                  device=device, routing_override=routing_override))
     except USER_ERRORS as exc:
         _fail(exc)
     sae = res["sae_space"]
@@ -220,6 +224,65 @@ def analyze(
     except USER_ERRORS as exc:
         _fail(exc)
     typer.echo(f"analysis written to {out}; next: routesae report {run}")
+
+
+def _floats(text: str | None, option: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{option} {text}: give comma-separated numbers, e.g. 0.001,0.01,0.1") from None
+
+
+@app.command("analyze-routing")
+def analyze_routing(
+    model: str = typer.Argument(..., help="MoE checkpoint folder (or hub name when online)."),
+    corpus: str = typer.Option(..., help="Corpus (as for capture); its domains split every table."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the tables (Parquet) and summary.json."),
+    max_tokens: int = typer.Option(16384, help="Tokens analysed."),
+    ctx: int = typer.Option(256, help="Context length in tokens."),
+    batch_size: int = typer.Option(8, help="Contexts per forward pass."),
+    split: str = typer.Option("train", help="Corpus split (shard prefix or HF split), e.g. val."),
+    k_grid: str | None = typer.Option(None, help="k' values, e.g. 1,2,3,4,8 (default 1..k, 2k, 4k, ..., E)."),
+    p_grid: str | None = typer.Option(None, help="Top-p values (default 0.1,0.2,...,1.0)."),
+    eps: str | None = typer.Option(None, help="KL epsilons in nats (default 0.001,0.01,0.1; headline 0.01)."),
+    per_layer: str = typer.Option("all", help="MoE layers of the one-layer-at-a-time view: all, none, 3,5 or A:B."),
+    ablate_layers: str = typer.Option("all", help="MoE layers of the expert-ablation view: all, none, 3,5 or A:B."),
+    ablate_experts: str | None = typer.Option(None, help="Experts removed one at a time (default all), e.g. 0,3,7."),
+    text_field: str = typer.Option("text", help="JSON field / column with the text."),
+    domain_field: str = typer.Option("domain", help="JSON field / column with the domain label."),
+    dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    seed: int = typer.Option(0, help="Seed of the document shuffle."),
+    trust_remote_code: bool = typer.Option(False, help="Allow custom model code from the checkpoint."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Dynamic routing: experts each token needs (smallest k' within KL eps), top-p experts per token, loss by
+    k' and p, expert ablation, all by domain; Parquet tables + summary.json in OUT."""
+    from routesae.analyze.routing import P_GRID, RoutingAnalysisConfig
+    from routesae.analyze.routing import analyze_routing as run
+
+    try:
+        ks = _floats(k_grid, "--k-grid")
+        ae = _floats(ablate_experts, "--ablate-experts")
+        cfg = RoutingAnalysisConfig(
+            model=model, corpus=corpus, out=str(out), max_tokens=max_tokens, ctx=ctx, batch_size=batch_size,
+            split=split, k_grid=[int(x) for x in ks] if ks else None,
+            p_grid=_floats(p_grid, "--p-grid") or list(P_GRID),
+            per_layer=per_layer, ablate_layers=ablate_layers, ablate_experts=[int(x) for x in ae] if ae else None,
+            text_field=text_field, domain_field=domain_field, dtype=dtype, device=device, seed=seed,
+            trust_remote_code=trust_remote_code, progress=not quiet)
+        if eps is not None:
+            cfg.eps = _floats(eps, "--eps")
+        path = run(cfg)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    import json
+
+    s = json.loads((path / "summary.json").read_text())
+    saved = ", ".join(f"eps {e}: {v:.1%}" for e, v in s["compute_saved"].items())
+    typer.echo(f"{s['tokens']:,} tokens; compute saved {saved}; tables in {path}")
 
 
 @app.command()

@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor
 
 from routesae.atomic import atomic_write_json
+from routesae.models.intervene import override_routing
 from routesae.models.load import ModelConfig, decoder_layers, first_device, load_model, resolve_device
 from routesae.sae import SparseAutoencoder, load_sae
 from routesae.store import TOKENS_DIR, Store, StoreError
@@ -48,7 +50,8 @@ class EvalConfig:
     """What to evaluate. ``store``: default the one in RUN/train_config.json. ``model``: default the
     store's model when that folder exists locally (else no splicing). ``tokens``: default 100k (or the
     whole store). ``splice_contexts``: cap on the contexts spliced (default: those within ``tokens``).
-    ``splice=False`` skips the model even when one is available."""
+    ``splice=False`` skips the model even when one is available. ``routing_override``: every splice
+    pass (clean, spliced, zero-ablated) runs under it (see routesae.models.intervene)."""
 
     run: str
     store: str | None = None
@@ -58,6 +61,7 @@ class EvalConfig:
     splice_contexts: int | None = None
     device: str = "auto"
     splice: bool = True
+    routing_override: str | None = None  # splice under changed routing, e.g. "topk:2" (every pass)
 
 
 class _Moments:
@@ -415,8 +419,10 @@ def evaluate(cfg: EvalConfig, model=None) -> dict[str, Any]:
         if model is None:
             model, _ = load_model(ModelConfig(model_path, store.manifest.get("dtype", "float32"), str(device)))
         model.eval()
-        result["splice"] = {"model": model_path or type(model).__name__,
-                            **_splice_metrics(sae, model, store, n_tokens, cfg, device)}
+        with override_routing(model, cfg.routing_override) if cfg.routing_override else contextlib.nullcontext():
+            result["splice"] = {"model": model_path or type(model).__name__,
+                                "routing_override": cfg.routing_override,
+                                **_splice_metrics(sae, model, store, n_tokens, cfg, device)}
     result["definitions"] = DEFINITIONS
     atomic_write_json(run / "eval.json", result)
     return result

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from routesae.capture import CaptureConfig, capture
 from routesae.corpus import ContextBuilder, CorpusConfig, iter_documents
+from routesae.models.load import decoder_layers
 from routesae.models.tiny import TINY_ARCHS
 from routesae.store import Store, StoreError
 from tests.test_routers import oracle
@@ -35,7 +36,7 @@ def test_store_equals_model_outputs(arch, tiny_ckpt, corpus_jsonl, tmp_path):
     cfg = _cfg(ckpt, corpus_jsonl, tmp_path / "store")
     store = Store(capture(cfg))
     model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
-    L = model.config.num_hidden_layers
+    L = len(decoder_layers(model))  # LongCat-Flash: num_hidden_layers counts two sublayers per block
     resid = torch.cat([store.load_resid(s["index"]) for s in store.shards])
     want_resid, want_idx, want_w = [], [], []
     for b in _reference_batches(ckpt, corpus_jsonl, cfg):

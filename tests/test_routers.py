@@ -66,14 +66,20 @@ def oracle(arch, model, layer, logits):
                             c.routed_scaling_factor)
     if arch in ("gpt_oss", "granitemoe"):
         return _topk_then_softmax(logits, k)
+    if arch == "longcat_flash":  # softmax over real + zero experts, choice with bias, scaled, not normalised
+        probs = torch.softmax(logits.float(), dim=-1)
+        bias = decoder_layers(model)[layer].mlp.router.e_score_correction_bias.float()
+        idx = (probs + bias).topk(k, dim=-1).indices
+        return idx, probs.gather(1, idx) * c.routed_scaling_factor
     raise AssertionError(arch)
 
 
 EXPECTED_MOE_LAYERS = {
     "olmoe": [0, 1, 2, 3], "mixtral": [0, 1, 2, 3], "qwen2_moe": [0, 2, 3],
     "qwen3_moe": [0, 1, 2, 3], "deepseek_v3": [1, 2, 3], "gpt_oss": [0, 1, 2, 3],
-    "granitemoe": [0, 1, 2, 3],
+    "granitemoe": [0, 1, 2, 3], "longcat_flash": [0, 1],
 }
+TOP_K = {"longcat_flash": 3}
 
 
 def _batch():
@@ -117,20 +123,25 @@ def test_moe_layers(routed):
                   if hasattr(getattr(blk, adapter.block_attr), adapter.router_attr)]
     assert adapter.moe_layers() == structural
     assert len(out.router_logits) == len(adapter.moe_layers())
-    assert adapter.num_experts() == 8 and adapter.top_k() == 2
+    assert adapter.num_experts() == 8 and adapter.top_k() == TOP_K.get(arch, 2)
 
 
 def test_decisions_match_model_routing(routed):
     arch, model, adapter, emitted, out = routed
-    n = 2 * 12
+    n, k = 2 * 12, TOP_K.get(arch, 2)
     assert sorted(emitted) == adapter.moe_layers()
     for pos, layer in enumerate(adapter.moe_layers()):  # router_logits: one entry per MoE layer
         assert len(emitted[layer]) == 1, "emit must be called once per forward per layer"
         d = emitted[layer][0]
         ref_logits = out.router_logits[pos]
-        assert d.indices.shape == (n, 2) and d.indices.dtype == torch.int64
-        assert d.weights.shape == (n, 2) and d.weights.dtype == torch.float32
-        assert d.n_active.dtype == torch.int64 and (d.n_active == 2).all()
+        assert d.indices.shape == (n, k) and d.indices.dtype == torch.int64
+        assert d.weights.shape == (n, k) and d.weights.dtype == torch.float32
+        # real experts = indices below E (LongCat-Flash: the others are zero-computation experts)
+        assert d.n_active.dtype == torch.int64 and torch.equal(d.n_active, (d.indices < 8).sum(-1))
+        if arch == "longcat_flash":
+            assert d.n_active.unique().numel() > 1 and (d.indices >= 8).any()
+        else:
+            assert (d.n_active == 2).all()
         assert not d.weights.requires_grad
         torch.testing.assert_close(d.logits, ref_logits.float(), rtol=0, atol=0)
 
@@ -172,7 +183,7 @@ def test_logits_optional(routed):
         model(input_ids=ids, attention_mask=mask)
     for h in handles:
         h.remove()
-    assert len(got) == 1 and got[0].logits is None and got[0].indices.shape == (24, 2)
+    assert len(got) == 1 and got[0].logits is None and got[0].indices.shape[0] == 24
 
 
 def test_qwen2_shared_gate():

@@ -185,7 +185,7 @@ class ExpertStats:
                 logp = torch.log_softmax(x, -1)
                 p = logp.exp()
                 ent = (-(p * logp).sum(-1)).double().numpy()
-                self.prob_sum[li] += p.double().sum(0).numpy()
+                self.prob_sum[li] += p[:, :self.E].double().sum(0).numpy()  # LongCat: + zero experts
                 self.ent_sum[li] += np.bincount(dom, weights=ent, minlength=D)
                 self.ent_tokens[li] += np.bincount(dom, minlength=D)
                 self.bucket_ent_sum[li] += np.bincount(bucket, weights=ent, minlength=N_BUCKETS)

@@ -16,6 +16,12 @@ so :class:`HFMoEAdapter` hooks three modules per MoE layer:
 Adding a family whose block looks like this is one small class: set ``model_types`` and, where
 they differ, ``block_attr``, ``router_attr``, ``experts_key`` and :meth:`HFMoEAdapter.is_moe_layer`,
 then decorate it with ``@register``. Families with another block shape override :meth:`attach`.
+
+Routing interventions (:mod:`routesae.models.intervene`) recompute a layer's routing from its
+router logits with the family's own rule, split into three small methods a family overrides
+where it differs from the softmax default: :meth:`HFMoEAdapter.choice_scores` (what top-k ranks),
+:meth:`HFMoEAdapter.route_probs` (a distribution over experts for top-p / threshold) and
+:meth:`HFMoEAdapter.weights_for` (the weights the model would give a chosen set).
 """
 
 from __future__ import annotations
@@ -48,6 +54,16 @@ def _experts_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tens
         raise KeyError(f"experts call has none of {names}")
 
     return pick(1, _INDEX_KW), pick(2, _WEIGHT_KW)
+
+
+def _repeats(idx: torch.Tensor) -> torch.Tensor:
+    """[n, W] bool: the slot holds an expert that an earlier slot of its row already holds."""
+    if idx.shape[1] < 2:
+        return torch.zeros_like(idx, dtype=torch.bool)
+    order = torch.sort(idx, dim=-1, stable=True)
+    dup_sorted = torch.zeros_like(idx, dtype=torch.bool)
+    dup_sorted[:, 1:] = order.values[:, 1:] == order.values[:, :-1]
+    return torch.zeros_like(dup_sorted).scatter_(1, order.indices, dup_sorted)
 
 
 class HFMoEAdapter(RouterAdapter):
@@ -115,6 +131,30 @@ class HFMoEAdapter(RouterAdapter):
         handles.append(block.register_forward_hook(on_block_end))
         return handles
 
+    # ---- the routing rule, for interventions -----------------------------------------------
+    topk_sorted: ClassVar[bool] = True  # whether the family's torch.topk returns sorted slots
+    min_slots: ClassVar[int] = 1  # interventions pad narrower sets (weight-0 repeats) to this width
+
+    def normalise_topk(self) -> bool:
+        """Softmax families: whether the chosen probabilities are renormalised to sum to 1."""
+        return bool(getattr(self.config, "norm_topk_prob", False))
+
+    def choice_scores(self, logits: torch.Tensor, block: nn.Module) -> torch.Tensor:
+        """[n, E] scores whose top-k is the family's choice (softmax families: the probabilities)."""
+        return torch.softmax(logits.float(), dim=-1)
+
+    def route_probs(self, logits: torch.Tensor, block: nn.Module) -> torch.Tensor:
+        """[n, E] a probability distribution over the experts (ranked by top-p and threshold)."""
+        return torch.softmax(logits.float(), dim=-1)
+
+    def weights_for(self, logits: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor,
+                    block: nn.Module) -> torch.Tensor:
+        """[n, W] the weights the family gives experts ``idx`` (``valid`` marks real slots; 0 elsewhere)."""
+        w = torch.softmax(logits.float(), dim=-1).gather(1, idx) * valid
+        if self.normalise_topk():
+            w = w / w.sum(-1, keepdim=True)
+        return w
+
     def attach_extra(self, block: nn.Module, state: dict) -> list[RemovableHandle]:
         """Hooks filling ``state[name]`` for each name in :meth:`extra_fields` ([n] per token)."""
         return []
@@ -124,7 +164,9 @@ class HFMoEAdapter(RouterAdapter):
         """Normalise dtypes and shapes: [n, k_max] int64 / float32, -1 and 0 in unused slots.
 
         An index < 0 marks an unused slot; an index >= E (a "zero-computation" expert) is kept
-        with its weight but not counted in ``n_active``.
+        with its weight but not counted in ``n_active``. A slot repeating an earlier slot's expert
+        with weight 0 is padding too: routing interventions pad variable-size expert sets that way,
+        since the grouped / batched experts kernels accept no sentinel index.
         """
         n_experts, k_max = self.num_experts(), self.top_k()
         idx = indices.detach().reshape(-1, indices.shape[-1]).to(torch.int64)
@@ -133,7 +175,7 @@ class HFMoEAdapter(RouterAdapter):
             pad = k_max - idx.shape[1]
             idx = torch.nn.functional.pad(idx, (0, pad), value=-1)
             w = torch.nn.functional.pad(w, (0, pad), value=0.0)
-        unused = idx < 0
+        unused = (idx < 0) | ((w == 0) & _repeats(idx))
         idx = idx.masked_fill(unused, -1)
         w = w.masked_fill(unused, 0.0)
         n_active = ((idx >= 0) & (idx < n_experts)).sum(-1)
@@ -156,6 +198,9 @@ class MixtralAdapter(HFMoEAdapter):
 
     model_types = ("mixtral",)
     experts_key = "num_local_experts"
+
+    def normalise_topk(self) -> bool:
+        return True
 
 
 class _QwenMoeAdapter(HFMoEAdapter):
@@ -205,12 +250,45 @@ class DeepseekV3Adapter(HFMoEAdapter):
     model_types = ("deepseek_v3",)
     experts_key = "n_routed_experts"
 
+    topk_sorted = False
+
     def is_moe_layer(self, i: int) -> bool:
         return i >= (self.config.first_k_dense_replace or 0)
 
+    def choice_scores(self, logits, block):
+        """sigmoid + correction bias; experts outside the ``topk_group`` best groups rank last."""
+        gate, c = block.gate, self.config
+        choice = torch.sigmoid(logits.float()) + gate.e_score_correction_bias.float()
+        n, e = choice.shape
+        groups = choice.view(n, c.n_group, e // c.n_group).topk(2, dim=-1)[0].sum(-1)
+        keep = torch.zeros_like(groups).scatter_(1, torch.topk(groups, c.topk_group, dim=-1, sorted=False)[1], 1)
+        allowed = keep.unsqueeze(-1).expand(-1, c.n_group, e // c.n_group).reshape(n, e).bool()
+        return choice.masked_fill(~allowed, float("-inf"))
+
+    def route_probs(self, logits, block):
+        """The sigmoid scores normalised to sum to 1 (no bias, no group limit)."""
+        s = torch.sigmoid(logits.float())
+        return s / s.sum(-1, keepdim=True)
+
+    def weights_for(self, logits, idx, valid, block):
+        w = torch.sigmoid(logits.float()).gather(1, idx) * valid
+        if self.normalise_topk():
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        return w * self.config.routed_scaling_factor
+
+
+class _LogitTopK:
+    """GPT-OSS / Granite rule: top-k on the logits, softmax over the chosen experts' logits."""
+
+    def choice_scores(self, logits, block):
+        return logits.float()
+
+    def weights_for(self, logits, idx, valid, block):
+        return torch.softmax(logits.float().gather(1, idx).masked_fill(~valid, float("-inf")), dim=-1)
+
 
 @register
-class GptOssAdapter(HFMoEAdapter):
+class GptOssAdapter(_LogitTopK, HFMoEAdapter):
     """GPT-OSS: ``mlp.router`` (with bias); top-k on the logits, softmax over the k."""
 
     model_types = ("gpt_oss",)
@@ -219,10 +297,42 @@ class GptOssAdapter(HFMoEAdapter):
 
 
 @register
-class GraniteMoeAdapter(HFMoEAdapter):
+class GraniteMoeAdapter(_LogitTopK, HFMoEAdapter):
     """Granite-MoE: ``block_sparse_moe.router``; top-k on the logits, softmax over the k."""
 
     model_types = ("granitemoe",)
     block_attr = "block_sparse_moe"
     router_attr = "router"
     experts_key = "num_local_experts"
+
+
+@register
+class LongcatFlashAdapter(HFMoEAdapter):
+    """LongCat-Flash: ``mlp.router`` (a ``classifier`` linear) scores ``n_routed_experts`` real
+    experts plus ``zero_expert_num`` zero-computation (identity) experts; softmax over all of them,
+    choice by probability + ``e_score_correction_bias``, weights = probabilities times
+    ``routed_scaling_factor``. Indices >= ``n_routed_experts`` are identity experts, so a token's
+    real experts (``n_active``) vary between 0 and ``moe_topk``.
+
+    Layout: ``config.num_hidden_layers`` is ``2 * num_layers`` (two attention sublayers per block),
+    but there are ``num_layers`` decoder blocks, each with one shortcut MoE (``mlp``) beside two
+    dense MLPs (``mlps``). Layer i is, as everywhere, the output of decoder block i; the MoE of
+    block i reads the residual after that block's first attention sublayer. Router logits have
+    ``n_routed_experts + zero_expert_num`` columns.
+    """
+
+    model_types = ("longcat_flash",)
+    router_attr = "router"
+    experts_key = "n_routed_experts"
+    topk_sorted = False
+    min_slots = 2  # its experts forward squeezes the slot dimension away when there is one slot
+
+    def moe_layers(self) -> list[int]:
+        return list(range(len(decoder_layers(self.model))))
+
+    def choice_scores(self, logits, block):
+        return torch.softmax(logits.float(), dim=-1) + block.router.e_score_correction_bias.float()
+
+    def weights_for(self, logits, idx, valid, block):
+        w = torch.softmax(logits.float(), dim=-1).gather(1, idx) * valid
+        return w * self.config.routed_scaling_factor

@@ -10,6 +10,8 @@ zero), and family-specific routing features are switched on so the adapters are 
 - ``deepseek_v3``: 4 groups with 2 kept, first block dense, random ``e_score_correction_bias``,
   ``routed_scaling_factor=2.5``, ``norm_topk_prob=True``
 - ``gpt_oss``: router bias; ``granitemoe``: ``block_sparse_moe.router``
+- ``longcat_flash``: 8 real + 4 zero-computation (identity) experts, top-3, so the number of real
+  experts per token varies from 0 to 3; 2 decoder blocks (``num_hidden_layers`` counts 4 sublayers)
 - ``llama``: a dense model (no router)
 
 Special ids: pad 0, bos 1, eos 2 (the tokenizer from :func:`save_tiny` uses the same ids).
@@ -22,7 +24,8 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-TINY_ARCHS = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss", "granitemoe", "llama")
+TINY_ARCHS = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss", "granitemoe", "longcat_flash",
+              "llama")
 
 VOCAB = 320
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -59,6 +62,10 @@ _SPECS: dict[str, tuple[str, str, dict]] = {
         "intermediate_size": 32, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
     "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", {
         **_TOP2_OF_8, "num_local_experts": 8}),
+    "longcat_flash": ("LongcatFlashConfig", "LongcatFlashForCausalLM", {
+        "num_experts_per_tok": 3, "n_routed_experts": 8, "zero_expert_num": 4, "expert_ffn_hidden_size": 32,
+        "num_hidden_layers": 4, "routed_scaling_factor": 1.5, "kv_lora_rank": 16, "q_lora_rank": 24,
+        "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "head_dim": 8, "v_head_dim": 8, "num_key_value_heads": 4}),
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
 }
 
@@ -88,6 +95,10 @@ def _randomise_routers(model: PreTrainedModel, gen: torch.Generator) -> None:
             corr = getattr(module, "e_score_correction_bias", None)
             if isinstance(corr, torch.Tensor):  # DeepSeek-V3: make the bias change choices
                 corr.copy_(torch.randn(corr.shape, generator=gen) * 0.2)
+        elif leaf == "router" and hasattr(module, "classifier"):  # LongCat-Flash
+            module.classifier.weight.copy_(torch.randn(module.classifier.weight.shape, generator=gen) * ROUTER_STD)
+            bias = module.e_score_correction_bias
+            bias.copy_(torch.randn(bias.shape, generator=gen) * 0.05)
         elif leaf == "shared_expert_gate":  # Qwen2-MoE
             module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * ROUTER_STD)
 

@@ -207,5 +207,11 @@ def tl_capture_batch(model: HookedTransformer, input_ids: torch.Tensor,
             normed = cache[ln_name].to(model.cfg.dtype) * block.ln2.w
             logits = block.mlp.W_gate(normed).reshape(batch * seq, -1).float()
         n_active = torch.full((batch * seq,), indices.shape[1], dtype=torch.int64, device=indices.device)
+        applied = getattr(model.blocks[m].mlp, "routesae_routing", None)  # set under a routing override
+        if applied is not None:
+            idx, w, valid = applied
+            indices = idx.long().masked_fill(~valid, -1)
+            weights = w.to(model.cfg.dtype).float().masked_fill(~valid, 0.0)
+            n_active = valid.sum(-1)
         routing[m] = RoutingDecision(indices=indices, weights=weights, n_active=n_active, logits=logits)
     return resid, routing

@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
@@ -231,14 +232,45 @@ def _features(a: Analysis, fig: Figures, n: int) -> str:
     return "<section>" + "".join(parts) + "</section>"
 
 
+def _dynamic_routing(a: Analysis, fig: Figures) -> str:
+    """RUN/routing/ from ``routesae analyze-routing``; empty when the run has none."""
+    from routesae.report import routing as R
+
+    r = a.routing
+    if r is None:
+        return ""
+    s = r.summary
+    saved = ", ".join(f"{float(v):.1%} at eps {esc(e)}" for e, v in (s.get("compute_saved") or {}).items())
+    parts = ["<h2 id='routing'>Dynamic routing</h2>",
+             f"<p>{esc(s.get('tokens'))} tokens of {esc(s.get('corpus'))} ({esc(s.get('split'))}); model top-k "
+             f"{esc(s.get('top_k'))} of {esc(s.get('n_experts'))} experts. A token needs k' experts when top-k' at "
+             f"every MoE layer keeps its next-token distribution within KL eps of the model's own routing. "
+             f"Expert compute saved: {saved}.</p>",
+             f"<h3>Needed experts by domain (eps {r.eps:g} nats)</h3>", table(R.needed_experts_table(r)),
+             "<div class='grid'>", fig(R.needed_experts_figure(r)), fig(R.compute_saved_figure(r)),
+             fig(R.needed_by_layer_figure(r)), fig(R.loss_by_k_figure(r)), fig(R.topp_mean_figure(r))]
+    for p in (0.5, 0.9):
+        if not r.table("topp").empty and np.isclose(r.table("topp")["p"], p).any():
+            parts.append(fig(R.topp_experts_figure(r, p)))
+    parts.append("</div>")
+    ab = r.table("ablation")
+    if not ab.empty:
+        parts += ["<h3>Expert ablation</h3>", table(R.top_ablations(r))]
+        parts.append("<div class='grid'>" + "".join(fig(R.ablation_figure(r, int(j)))
+                                                    for j in pick_layers(sorted(ab.layer.unique()), 4)) + "</div>")
+    return "<section>" + "".join(parts) + "</section>"
+
+
 def render_html(a: Analysis, top_n: int = 30) -> str:
     """The whole report as one HTML string."""
     fig = Figures()
+    routing = _dynamic_routing(a, fig)
     body = (_summary(a) + _evaluation(a, fig) + _specialisation(a, fig) + _load_balance(a, fig)
-            + _cold_start(a, fig) + _features(a, fig, top_n))
+            + _cold_start(a, fig) + routing + _features(a, fig, top_n))
     nav = "".join(f"<a href='#{k}'>{v}</a>" for k, v in [
         ("summary", "Summary"), ("evaluation", "Evaluation"), ("specialisation", "Specialisation"),
-        ("load", "Load balance"), ("coldstart", "Cold start"), ("features", "Features")])
+        ("load", "Load balance"), ("coldstart", "Cold start"), *([("routing", "Dynamic routing")] if routing else []),
+        ("features", "Features")])
     title = f"routesae report: {a.run.name}"
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>{esc(title)}</title><style>{CSS}</style>"

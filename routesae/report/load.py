@@ -52,6 +52,7 @@ class Analysis:
     latent_domains: pd.DataFrame = field(default_factory=pd.DataFrame)
     latent_experts: pd.DataFrame = field(default_factory=pd.DataFrame)
     expert_latents: pd.DataFrame = field(default_factory=pd.DataFrame)
+    routing: Any = None  # RUN/routing/ (analyze-routing), a routesae.report.routing.RoutingResults or None
 
     @property
     def tables(self) -> dict[str, pd.DataFrame]:
@@ -110,9 +111,11 @@ def load_analysis(run: str | Path) -> Analysis:
             tables[name] = pd.read_parquet(path)
     summary = _read_json(ana / "summary.json")
     ev = _read_json(run / "eval.json") or dict(summary.get("eval") or {})
+    from routesae.report.routing import ROUTING_DIR, load_routing
+
     return Analysis(run=run, dir=ana, summary=summary, settings=_read_json(ana / "settings.json"),
                     feature_count=_read_json(ana / "feature_count.json"), config=_read_json(run / "config.json"),
-                    eval=ev, **tables)
+                    eval=ev, routing=load_routing(run / ROUTING_DIR), **tables)
 
 
 # ---------------------------------------------------------------- helpers for the renderers

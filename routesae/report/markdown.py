@@ -96,6 +96,9 @@ def render_markdown(a: Analysis, top_n: int = 30) -> str:
         pp.columns = [f"L{int(c)} entropy" for c in pp.columns]
         out.append(md_table(pp.reset_index().rename(columns={"bucket": "position"})))
 
+    if a.routing is not None:
+        out.append(_routing_md(a.routing))
+
     out.append("\n## Top features\n\n")
     ids = top_features(a, top_n)
     if a.feature_count:
@@ -121,3 +124,25 @@ def _feature_md(a: Analysis, latent: int) -> str:
                      f"{plain_context(as_list(c.tokens), as_list(c.acts), int(c.center))}\n")
     return "".join(lines)
 
+
+
+def _routing_md(r) -> str:
+    from routesae.report.routing import needed_experts_table, top_ablations
+
+    s = r.summary
+    saved = ", ".join(f"{float(v):.1%} at eps {e}" for e, v in (s.get("compute_saved") or {}).items())
+    out = ["\n## Dynamic routing\n\n",
+           f"{md(s.get('tokens'))} tokens of {md(s.get('corpus'))}; a token needs k' experts when top-k' at every "
+           f"MoE layer keeps its next-token distribution within KL eps of the model's own routing (top-"
+           f"{md(s.get('top_k'))}). Expert compute saved: {md(saved)}.\n\n",
+           f"**Needed experts by domain** (fraction of tokens, eps {r.eps:g} nats)\n\n",
+           md_table(needed_experts_table(r))]
+    topp = r.table("topp")
+    if not topp.empty:
+        wide = topp.pivot_table(index="domain", columns="p", values="mean_experts")
+        wide.columns = [f"p={c:g}" for c in wide.columns]
+        out += ["\n**Mean experts per token under top-p**\n\n", md_table(wide.reset_index())]
+    ab = top_ablations(r)
+    if not ab.empty:
+        out += ["\n**Experts each domain depends on** (CE increase when removed)\n\n", md_table(ab)]
+    return "".join(out)

@@ -1,0 +1,286 @@
+"""``routesae analyze-routing``: how many experts does each token need? (dynamic routing)
+
+Runs the model over corpus contexts under routing interventions (routesae.models.intervene) and
+compares each forward's next-token distribution with the model's own routing. Definitions
+(k = the model's top-k, E = routed experts; KL in nats, natural log):
+
+- ``KL_t(o)`` = KL(own || overridden) of the next-token distribution at real token t under
+  override o; ``CE`` = next-token cross-entropy at real positions with a real successor.
+- needed experts of token t at epsilon (all layers): the smallest k' of the grid with
+  ``KL_t(topk:k' at every MoE layer) <= eps``; k when none below k qualifies (k' = k is the
+  model's own routing, KL 0). By layer: the same with the override at that one layer only.
+  Default epsilons 0.001, 0.01, 0.1; headline 0.01 nats (``DEFAULT_EPS``).
+- compute saved at eps = 1 - mean needed k' / k (expert FFN compute, routed experts only).
+- loss by k': CE and KL under ``topk:k'`` at every MoE layer, by domain; ``ce_increase`` = CE - CE_own.
+- top-p view: for each p of the grid, ``topp:p`` at every MoE layer: real experts per token and
+  layer (the distribution by domain), their mean, CE, KL. Rows with ``override == "model"`` hold the
+  model's own experts per token (varies for natively dynamic models such as LongCat-Flash).
+- expert ablation: ``ablate:e@layerL`` for every expert e of the chosen layers: CE increase by domain.
+
+Tables (Parquet) and ``summary.json`` go to ``OUT``; see :func:`analyze_routing`. Example::
+
+    from routesae.analyze.routing import RoutingAnalysisConfig, analyze_routing
+    out = analyze_routing(RoutingAnalysisConfig(model="data/demo-moe", corpus="data/corpus", out="runs/routing",
+                                                split="val", max_tokens=4096))
+    pd.read_parquet(out / "compute_saved.parquet")
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from routesae.analyze.routing_tables import routing_tables
+from routesae.atomic import atomic_path, atomic_write_json
+from routesae.capture import _token_rows, _token_strings
+from routesae.corpus import ContextBuilder, CorpusConfig, iter_documents
+from routesae.layers import parse_layers
+from routesae.models.intervene import RoutingOverride, override_routing, scored_experts
+from routesae.models.load import ModelConfig, decoder_layers, first_device, load_model
+from routesae.models.routers import adapter_for
+
+log = logging.getLogger(__name__)
+DEFAULT_EPS = 0.01
+EPS_GRID = (0.001, 0.01, 0.1)
+P_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+ALL = "all"
+
+
+class RoutingAnalysisError(ValueError):
+    """analyze-routing cannot run as asked; the message says what to change."""
+
+
+@dataclass
+class RoutingAnalysisConfig:
+    """``k_grid``: default 1..k then 2k, 4k, ... and E. ``per_layer`` (the one-layer-at-a-time
+    needed-experts view) and ``ablate_layers``: "all" MoE layers, "none", or a layer spec (3,5 / 2:4).
+    ``ablate_experts``: the experts removed one at a time (default every routed expert)."""
+
+    model: str
+    corpus: str
+    out: str
+    max_tokens: int = 16384
+    ctx: int = 256
+    batch_size: int = 8
+    k_grid: list[int] | None = None
+    p_grid: list[float] = field(default_factory=lambda: list(P_GRID))
+    eps: list[float] = field(default_factory=lambda: list(EPS_GRID))
+    per_layer: str = ALL
+    ablate_layers: str = ALL
+    ablate_experts: list[int] | None = None
+    split: str = "train"
+    text_field: str = "text"
+    domain_field: str = "domain"
+    packing: str = "pack"
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    progress: bool = True
+
+
+def default_k_grid(k: int, total: int) -> list[int]:
+    grid, x = list(range(1, min(k, total) + 1)), 2 * k
+    while x < total:
+        grid.append(x)
+        x *= 2
+    return sorted(set(grid + [total]))
+
+
+class _Forward:
+    """One batch: the model's own pass, then any override against it (per-token KL and CE)."""
+
+    def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor):
+        self.model, self.ids, self.mask = model, ids, mask
+        self.keep = keep                                         # [B*T] real tokens analysed
+        real = mask.bool()
+        self.pred = torch.zeros_like(real)
+        self.pred[:, :-1] = real[:, :-1] & real[:, 1:]          # positions with a real next token
+        self.logp = self._logp()
+        self.ce_own = self._ce(self.logp)
+
+    @torch.inference_mode()
+    def _logp(self) -> torch.Tensor:
+        out = self.model(input_ids=self.ids, attention_mask=self.mask, use_cache=False).logits
+        return torch.log_softmax(out.float(), -1)
+
+    def _ce(self, logp: torch.Tensor) -> np.ndarray:
+        ce = torch.zeros(self.ids.shape, device=logp.device)
+        ce[:, :-1] = -logp[:, :-1].gather(-1, self.ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        ce = ce.masked_fill(~self.pred, float("nan"))
+        return ce.flatten()[self.keep].cpu().numpy()
+
+    def run(self, override: RoutingOverride, record: bool = False):
+        """``(kl [n], ce [n] (NaN without a next token), counts {layer: [n]} or None)``."""
+        with override_routing(self.model, override, record=record) as active:
+            logp = self._logp()
+        kl = (self.logp.exp() * (self.logp - logp)).sum(-1).clamp_min(0).flatten()[self.keep].cpu().numpy()
+        counts = ({layer: c.cpu().numpy()[self.keep.cpu().numpy()] for layer, c in active.counts.items()}
+                  if record else None)
+        return kl, self._ce(logp), counts
+
+
+def _own_counts(model, adapter, fw: _Forward) -> dict[int, np.ndarray]:
+    got: dict[int, Any] = {}
+    handles = [h for layer in adapter.moe_layers()
+               for h in adapter.attach(layer, lambda i, d: got.__setitem__(i, d.n_active), want_logits=False)]
+    try:
+        fw._logp()
+    finally:
+        for h in handles:
+            h.remove()
+    return {layer: got[layer].cpu().numpy()[fw.keep.cpu().numpy()] for layer in adapter.moe_layers()}
+
+
+def _layer_subset(spec: str, moe: list[int], n_blocks: int, option: str) -> list[int]:
+    if spec.strip().lower() == "none":
+        return []
+    if spec.strip().lower() == ALL:
+        return moe
+    layers = parse_layers(spec, n_blocks)
+    bad = [x for x in layers if x not in moe]
+    if bad:
+        raise RoutingAnalysisError(f"{option} {spec}: layers {bad} are not MoE layers; MoE layers: {moe}")
+    return layers
+
+
+@dataclass
+class _Grid:
+    """What one analysis runs: the model's k and MoE layers, the k' grid and the layer / expert subsets."""
+
+    k: int
+    moe: list[int]
+    k_grid: list[int]
+    view_layers: list[int]
+    abl_layers: list[int]
+    experts: list[int]
+
+    @property
+    def small(self) -> list[int]:
+        return [kk for kk in self.k_grid if kk < self.k]
+
+
+def _grid(cfg: RoutingAnalysisConfig, model, adapter) -> _Grid:
+    """Check the config against the model (one-line errors) and resolve its defaults."""
+    if cfg.max_tokens < 1 or cfg.batch_size < 1:
+        raise RoutingAnalysisError("--max-tokens and --batch-size must be positive")
+    k, n_exp, total, moe = adapter.top_k(), adapter.num_experts(), scored_experts(adapter), adapter.moe_layers()
+    k_grid = sorted(set(cfg.k_grid or default_k_grid(k, total)))
+    if k_grid[0] < 1 or k_grid[-1] > total:
+        raise RoutingAnalysisError(f"--k-grid values must be 1..{total}")
+    if any(not 0 < p <= 1 for p in cfg.p_grid) or any(e < 0 for e in cfg.eps) or not cfg.eps:
+        raise RoutingAnalysisError("--p-grid values must be in (0, 1] and --eps values >= 0")
+    n_blocks = len(decoder_layers(model))
+    experts = sorted(set(range(n_exp) if cfg.ablate_experts is None else cfg.ablate_experts))
+    if experts and (experts[0] < 0 or experts[-1] >= n_exp):
+        raise RoutingAnalysisError(f"--ablate-experts must be 0..{n_exp - 1}")
+    return _Grid(k, moe, k_grid, _layer_subset(cfg.per_layer, moe, n_blocks, "--per-layer"),
+                 _layer_subset(cfg.ablate_layers, moe, n_blocks, "--ablate-layers"), experts)
+
+
+def analyze_routing(cfg: RoutingAnalysisConfig, model=None, tokenizer=None) -> Path:
+    """Write the dynamic-routing tables and ``summary.json`` into ``cfg.out``; returns that folder.
+
+    ``model`` / ``tokenizer``: an already loaded Hugging Face MoE causal LM (else ``cfg.model`` is loaded)."""
+    t0 = time.time()
+    if model is None:
+        model, tokenizer = load_model(ModelConfig(cfg.model, cfg.dtype, cfg.device, None, cfg.trust_remote_code))
+    if tokenizer is None:
+        raise RoutingAnalysisError(f"no tokenizer found with model '{cfg.model}'")
+    adapter = adapter_for(model)
+    if adapter is None:
+        raise RoutingAnalysisError(f"analyze-routing needs an MoE model; '{cfg.model}' has no router")
+    grid = _grid(cfg, model, adapter)
+    # on CPU the eager experts loop is far faster than grouped_mm for small batches (same routing)
+    previous = getattr(model.config, "_experts_implementation", None)
+    if first_device(model).type == "cpu" and previous not in (None, "eager") and hasattr(
+            model, "set_experts_implementation"):
+        model.set_experts_implementation("eager")
+    try:
+        acc, done = _collect(cfg, model, tokenizer, adapter, grid)
+    finally:
+        if previous not in (None, "eager") and model.config._experts_implementation != previous:
+            model.set_experts_implementation(previous)
+    tables, headline = routing_tables(acc, k=grid.k, k_grid=grid.k_grid, eps=cfg.eps, moe=grid.moe,
+                                      view_layers=grid.view_layers,
+                                      default_eps=DEFAULT_EPS if DEFAULT_EPS in cfg.eps else cfg.eps[0])
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, df in tables.items():
+        with atomic_path(out / f"{name}.parquet") as tmp:
+            df.to_parquet(tmp, index=False)
+    seconds = time.time() - t0
+    summary = {
+        "model": cfg.model, "model_type": model.config.model_type, "corpus": cfg.corpus, "split": cfg.split,
+        "tokens": done, "top_k": grid.k, "n_experts": adapter.num_experts(), "scored_experts": scored_experts(adapter),
+        "moe_layers": grid.moe, "k_grid": grid.k_grid, "p_grid": list(cfg.p_grid), "eps": list(cfg.eps), **headline,
+        "ablate_layers": grid.abl_layers, "ablate_experts": grid.experts, "per_layer_layers": grid.view_layers,
+        "seconds": round(seconds, 1), "tokens_per_second": round(done / max(seconds, 1e-9), 1),
+        "config": asdict(cfg), "definitions": DEFINITIONS, "tables": sorted(f"{name}.parquet" for name in tables),
+    }
+    atomic_write_json(out / "summary.json", summary)
+    log.info("analyze-routing: %d tokens in %.0fs, tables in %s", done, seconds, out)
+    return out
+
+
+def _collect(cfg: RoutingAnalysisConfig, model, tokenizer, adapter, grid: _Grid) -> tuple[dict[str, list], int]:
+    """Per-batch arrays of every view (see routing_tables for their layout) and the tokens read."""
+    from tqdm.auto import tqdm
+
+    docs = iter_documents(CorpusConfig(cfg.corpus, cfg.text_field, cfg.domain_field, cfg.split, seed=cfg.seed))
+    builder = ContextBuilder(tokenizer, cfg.ctx, cfg.packing)
+    token_text = _token_strings(tokenizer, int(model.config.vocab_size))
+    device = first_device(model)
+    acc: dict[str, list] = {key: [] for key in ("tokens", "ce_own", "own", "topk_kl", "topk_ce", "layer_kl",
+                                                 "topp_kl", "topp_ce", "topp_n", "abl_ce")}
+    done = 0
+    bar = tqdm(total=cfg.max_tokens, unit="tok", unit_scale=True, desc="analyze-routing", disable=not cfg.progress,
+               dynamic_ncols=True)
+    try:
+        for batch in builder.batches(docs, cfg.batch_size):
+            if done >= cfg.max_tokens:
+                break
+            keep = torch.from_numpy(batch.attention_mask.reshape(-1).astype(bool))
+            keep &= torch.cumsum(keep.long(), 0) <= cfg.max_tokens - done
+            fw = _Forward(model, torch.from_numpy(batch.input_ids).to(device),
+                          torch.from_numpy(batch.attention_mask).to(device), keep.to(device))
+            acc["tokens"].append(_token_rows(batch, builder, token_text, keep.numpy()))
+            acc["ce_own"].append(fw.ce_own)
+            acc["own"].append(_own_counts(model, adapter, fw))
+            runs = {kk: fw.run(RoutingOverride.of("topk", kk)) for kk in grid.k_grid}
+            acc["topk_kl"].append({kk: r[0] for kk, r in runs.items()})
+            acc["topk_ce"].append({kk: r[1] for kk, r in runs.items()})
+            acc["layer_kl"].append({(layer, kk): fw.run(RoutingOverride.of("topk", kk, [layer]))[0]
+                                    for layer in grid.view_layers for kk in grid.small})
+            runs = {p: fw.run(RoutingOverride.of("topp", p), record=True) for p in cfg.p_grid}
+            acc["topp_kl"].append({p: r[0] for p, r in runs.items()})
+            acc["topp_ce"].append({p: r[1] for p, r in runs.items()})
+            acc["topp_n"].append({p: r[2] for p, r in runs.items()})
+            acc["abl_ce"].append({(layer, e): fw.run(RoutingOverride.of("ablate", [e], [layer]))[1]
+                                  for layer in grid.abl_layers for e in grid.experts})
+            n = int(keep.sum())
+            done += n
+            bar.update(n)
+    finally:
+        bar.close()
+    if done == 0:
+        raise RoutingAnalysisError(f"no tokens read from corpus '{cfg.corpus}' (split {cfg.split})")
+    return acc, done
+
+
+DEFINITIONS = {
+    "kl": "KL(own routing || overridden routing) of the next-token distribution, nats, mean over real tokens",
+    "ce": "next-token cross-entropy over real positions with a real next token; ce_increase = ce - ce of own routing",
+    "needed_k": "smallest k' of the grid with KL(topk:k') <= eps (k when none below k fits); scope 'all': the "
+                "override at every MoE layer, scope 'layer': at that layer only",
+    "compute_saved": "1 - mean needed_k / k (routed-expert FFN compute)",
+    "n_active": "real experts a token used at a layer (zero-computation experts excluded)",
+    "topp": "smallest set of experts whose router probabilities sum to >= p, at every MoE layer",
+    "ablation": "expert e removed at layer L (router logit -inf, the family's rule picks the rest)",
+}

@@ -1,0 +1,121 @@
+"""Tables of ``analyze-routing`` from its per-token arrays (definitions in routesae.analyze.routing).
+
+Every table has a ``domain`` column with one row group per corpus domain plus ``all``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+ALL = "all"
+
+
+def _cat(parts: list[dict]) -> dict:
+    """Per-batch ``{key: array}`` dicts -> one ``{key: concatenated array}``."""
+    return {key: np.concatenate([p[key] for p in parts]) for key in (parts[0] if parts else {})}
+
+
+def _groups(domains: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    return [(ALL, np.ones(len(domains), bool))] + [(str(d), domains == d) for d in sorted(set(domains))]
+
+
+def _mean(x: np.ndarray) -> float:
+    x = x[~np.isnan(x)]
+    return float(x.mean()) if len(x) else float("nan")
+
+
+def _loss_rows(groups, ce_own, kl, ce, **keys) -> list[dict]:
+    rows = []
+    for dom, sel in groups:
+        c, c0 = _mean(ce[sel]), _mean(ce_own[sel])
+        rows.append({**keys, "domain": dom, "ce": c, "ce_increase": c - c0, "kl": _mean(kl[sel]) if kl is not None
+                     else float("nan"), "tokens": int(sel.sum())})
+    return rows
+
+
+def _hist_rows(groups, values: np.ndarray, column: str, **keys) -> list[dict]:
+    rows = []
+    for dom, sel in groups:
+        v, n = values[sel], int(sel.sum())
+        for x, c in zip(*np.unique(v, return_counts=True)):
+            rows.append({**keys, "domain": dom, column: int(x), "tokens": int(c), "fraction": c / n})
+    return rows
+
+
+def needed_k(kl_by_k: dict[int, np.ndarray], k: int, eps: float, n: int) -> np.ndarray:
+    """Smallest k' < k of the grid with KL <= eps, else k (k' = k is the model's own routing)."""
+    need = np.full(n, k, np.int64)
+    for kk in sorted(kl_by_k, reverse=True):  # descending: the last fit written is the smallest
+        if kk < k:
+            need = np.where(kl_by_k[kk] <= eps, kk, need)
+    return need
+
+
+def routing_tables(acc: dict[str, list], k: int, k_grid: list[int], eps: list[float], moe: list[int],
+                   view_layers: list[int], default_eps: float) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    tokens = pd.concat(acc["tokens"], ignore_index=True)
+    domains = tokens["domain"].astype(str).to_numpy()
+    groups = _groups(domains)
+    n = len(tokens)
+    ce_own = np.concatenate(acc["ce_own"])
+    topk_kl, topk_ce = _cat(acc["topk_kl"]), _cat(acc["topk_ce"])
+
+    needed_rows, saved_rows = [], []
+    layer_kl = _cat(acc["layer_kl"])
+    views = [("all", -1, topk_kl)] + [("layer", layer, {kk: v for (li, kk), v in layer_kl.items() if li == layer})
+                                      for layer in view_layers]
+    for e in eps:
+        for scope, layer, kl_by_k in views:
+            need = needed_k(kl_by_k, k, e, n)
+            if scope == "all":
+                tokens[f"needed_k_eps{e:g}"] = need
+            needed_rows += _hist_rows(groups, need, "needed_k", scope=scope, layer=layer, eps=e)
+            for dom, sel in groups:
+                m = float(need[sel].mean())
+                saved_rows.append({"scope": scope, "layer": layer, "eps": e, "domain": dom, "mean_needed_k": m,
+                                   "compute_saved": 1 - m / k, "tokens": int(sel.sum())})
+    loss_rows = [r for kk in k_grid for r in _loss_rows(groups, ce_own, topk_kl[kk], topk_ce[kk], k=kk)]
+
+    topp_kl, topp_ce = _cat(acc["topp_kl"]), _cat(acc["topp_ce"])
+    p_grid = list(topp_kl)
+    own = _cat(acc["own"])
+    counts = {p: _cat([b[p] for b in acc["topp_n"]]) for p in p_grid}
+    dist_rows = [r for layer in moe for r in _hist_rows(groups, own[layer], "n_active", override="model",
+                                                         p=float("nan"), layer=layer)]
+    topp_rows = []
+    for p in p_grid:
+        mean_n = np.mean(np.stack([counts[p][layer] for layer in moe]), 0)
+        for r in _loss_rows(groups, ce_own, topp_kl[p], topp_ce[p], p=p):
+            sel = dict(groups)[r["domain"]]
+            topp_rows.append({**r, "mean_experts": float(mean_n[sel].mean())})
+        dist_rows += [r for layer in moe for r in _hist_rows(groups, counts[p][layer], "n_active",
+                                                             override=f"topp:{p:g}", p=p, layer=layer)]
+    abl = _cat(acc["abl_ce"])
+    abl_rows = [r for (layer, ex), ce in abl.items() for r in _loss_rows(groups, ce_own, None, ce, layer=layer,
+                                                                             expert=ex)]
+    tables = {
+        "needed_experts": pd.DataFrame(needed_rows, columns=["scope", "layer", "eps", "domain", "needed_k", "tokens",
+                                                             "fraction"]),
+        "compute_saved": pd.DataFrame(saved_rows),
+        "loss_by_k": pd.DataFrame(loss_rows),
+        "topp": pd.DataFrame(topp_rows),
+        "experts_per_token": pd.DataFrame(dist_rows, columns=["override", "p", "layer", "domain", "n_active", "tokens",
+                                                              "fraction"]),
+        "ablation": pd.DataFrame(abl_rows, columns=["layer", "expert", "domain", "ce", "ce_increase", "kl", "tokens"]
+                                 ).drop(columns="kl"),
+        "tokens": tokens.drop(columns=["position"], errors="ignore"),
+    }
+    cs = tables["compute_saved"]
+    head = cs[(cs.scope == "all") & (cs.eps == default_eps)]
+    headline = {
+        "default_eps": default_eps,
+        "compute_saved": {f"{e:g}": float(cs[(cs.scope == "all") & (cs.eps == e) & (cs.domain == ALL)]
+                                          ["compute_saved"].iloc[0]) for e in eps},
+        "mean_needed_k_by_domain": dict(zip(head["domain"], head["mean_needed_k"].round(4))),
+        "ce_own_by_domain": {dom: _mean(ce_own[sel]) for dom, sel in groups},
+        "domains": {dom: int(sel.sum()) for dom, sel in groups if dom != ALL},
+    }
+    return tables, headline
