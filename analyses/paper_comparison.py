@@ -2,7 +2,7 @@
 
     python analyses/paper_comparison.py [--store DIR] [--tokens 409600] [--train-tokens 409600]
         [--latents 1536] [--ks 32 64 16] [--val-tokens 65536] [--eval-tokens 32768] [--splice-contexts 64]
-        [--fire-fraction 0.5] [--seed 0] [--out runs/paper-comparison] [--no-write]
+        [--feature-tokens 65536] [--fire-fraction 0.5] [--seed 0] [--out runs/paper-comparison] [--no-write]
 
 One training store of the demo MoE (training split, layers ``auto`` = blocks 1..5 for its 8
 blocks) and one validation store (validation split, the same layers). For every k: RouteSAE with
@@ -97,13 +97,14 @@ def run_all(args) -> dict:
             train_once(run, store=store_dir, latents=args.latents, k=k, tokens=args.train_tokens, seed=args.seed,
                        **opts)
             ev = evaluate_once(run, eval_dir, args.eval_tokens, args.splice_contexts)
-            fc = feature_count_once(run, eval_dir, args.eval_tokens, args.fire_fraction)
+            fc = feature_count_once(run, eval_dir, args.feature_tokens, args.fire_fraction)
             resolved = json.loads((run / "train_config.json").read_text())["resolved"]
             rows.append({"method": name, "k": k, "run": str(run), "layers": resolved["layers"],
                          "train_tokens": resolved["tokens"], "steps": resolved["steps"], **metrics_row(ev),
                          "features": fc["count"], "features_per_layer": fc["per_routed_layer"],
                          "fc_settings": fc["settings"], "splice_per_layer": _per_layer_splice(ev),
-                         "eval_tokens": ev["tokens"], "splice_tokens": (ev.get("splice") or {}).get("tokens_real")})
+                         "eval_tokens": ev["tokens"], "feature_tokens": fc["tokens_counted"],
+                         "splice_tokens": (ev.get("splice") or {}).get("tokens_real")})
             print(f"[{time.perf_counter() - t0:5.0f}s] {name:20s} k={k:3d} nmse={rows[-1]['nmse']:.4f} "
                   f"ce_rec={fmt(rows[-1]['ce_rec'], '.3f')} kl={fmt(rows[-1]['kl'])} features={fc['count']} "
                   f"({time.perf_counter() - ts:.0f}s)")
@@ -183,8 +184,9 @@ def markdown(res: dict) -> str:
            f"{mlsae_layers}; its examples are (token, layer) pairs, so the same token budget gives it "
            f"{len(mlsae_layers)}x as many examples (the convention of Lawson et al.: tokens, not pairs, are "
            f"counted). Evaluation: the first {rows[0]['eval_tokens']:,} tokens of the validation store "
-           f"(never trained on) for NMSE / explained variance / L0 / dead / features; splicing on the first "
-           f"{rows[0]['splice_tokens'] or 0:,} of them ({a['splice_contexts']} contexts of 256 tokens). "
+           f"(never trained on) for NMSE / explained variance / L0 / dead, splicing on the first "
+           f"{rows[0]['splice_tokens'] or 0:,} of them ({a['splice_contexts']} contexts of 256 tokens), the feature "
+           f"count on the first {rows[0]['feature_tokens']:,}. "
            f"Wall time of the whole script: {res['seconds'] / 60:.0f} min on the 2 shared cores.", "",
            "Definitions (REFERENCE §4): NMSE and explained variance in each SAE's own input space "
            "(RouteSAE: the routed input `p_i* x_i*`, MLSAE: every (token, layer) pair, TopK: block "
@@ -252,6 +254,7 @@ def main() -> None:
     ap.add_argument("--ks", type=int, nargs="+", default=[32, 64, 16], help="in the order they are run")
     ap.add_argument("--val-tokens", type=int, default=65_536, help="tokens captured into the validation store")
     ap.add_argument("--eval-tokens", type=int, default=32_768, help="validation tokens evaluated (<= --val-tokens)")
+    ap.add_argument("--feature-tokens", type=int, default=65_536, help="validation tokens of the feature count")
     ap.add_argument("--splice-contexts", type=int, default=64)
     ap.add_argument("--fire-fraction", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
