@@ -2,7 +2,7 @@
 
     python analyses/paper_comparison.py [--store DIR] [--tokens 409600] [--train-tokens 409600]
         [--latents 1536] [--ks 32 64 16] [--val-tokens 65536] [--eval-tokens 32768] [--splice-contexts 64]
-        [--feature-tokens 65536] [--fire-fraction 0.5] [--seed 0] [--out runs/paper-comparison] [--no-write]
+        [--feature-tokens 65536 16384] [--fire-fraction 0.5] [--seed 0] [--out runs/paper-comparison] [--no-write]
 
 One training store of the demo MoE (training split, layers ``auto`` = blocks 1..5 for its 8
 blocks) and one validation store (validation split, the same layers). For every k: RouteSAE with
@@ -59,8 +59,8 @@ FIG = ROOT / "docs" / "figures"
 
 
 def feature_count_once(run: Path, store: str, tokens: int, fire_fraction: float) -> dict:
-    """The interpretable-feature count of ``run`` on ``store`` (cached in ``RUN/feature_count_val.json``)."""
-    path = run / "feature_count_val.json"
+    """The interpretable-feature count of ``run`` on ``store`` (cached in ``RUN/feature_count_val_TOKENS.json``)."""
+    path = run / f"feature_count_val_{tokens}.json"
     want = {"store": str(store), "tokens": tokens, "fire_fraction": fire_fraction}
     if path.exists():
         got = json.loads(path.read_text())
@@ -97,11 +97,14 @@ def run_all(args) -> dict:
             train_once(run, store=store_dir, latents=args.latents, k=k, tokens=args.train_tokens, seed=args.seed,
                        **opts)
             ev = evaluate_once(run, eval_dir, args.eval_tokens, args.splice_contexts)
-            fc = feature_count_once(run, eval_dir, args.feature_tokens, args.fire_fraction)
+            counts = [feature_count_once(run, eval_dir, n, args.fire_fraction) for n in args.feature_tokens]
+            fc = counts[0]
             resolved = json.loads((run / "train_config.json").read_text())["resolved"]
             rows.append({"method": name, "k": k, "run": str(run), "layers": resolved["layers"],
                          "train_tokens": resolved["tokens"], "steps": resolved["steps"], **metrics_row(ev),
-                         "features": fc["count"], "features_per_layer": fc["per_routed_layer"],
+                         "features": fc["count"],
+                         "features_by_tokens": {c["tokens_counted"]: c["count"] for c in counts},
+                         "features_per_layer": fc["per_routed_layer"],
                          "fc_settings": fc["settings"], "splice_per_layer": _per_layer_splice(ev),
                          "eval_tokens": ev["tokens"], "feature_tokens": fc["tokens_counted"],
                          "splice_tokens": (ev.get("splice") or {}).get("tokens_real")})
@@ -204,6 +207,14 @@ def markdown(res: dict) -> str:
     out += [markdown_table(["method", "k", "NMSE", "explained var.", "L0", "dead", "CE recovered", "KL/token",
                             "interpretable features", "routed-layer fractions (blocks "
                             + ", ".join(map(str, res["layers"])) + ")"], table), ""]
+    budgets = list(rows[0]["features_by_tokens"]) if rows else []
+    if len(budgets) > 1:
+        out += ["The feature count depends on the token budget (the threshold is relative to each latent's maximum "
+                "over the counted tokens, and more tokens bring more distinct activating tokens, so more latents "
+                "exceed the 32-bucket limit and are dropped); interpretable features by budget:", "",
+                markdown_table(["method", "k", *[f"{int(n):,} tokens" for n in budgets]],
+                               [[r["method"], r["k"], *[r["features_by_tokens"].get(n, "n/a") for n in budgets]]
+                                for r in rows]), ""]
     ml = [r for r in rows if r["splice_per_layer"]]
     if ml:
         names = list(ml[0]["splice_per_layer"])
@@ -254,7 +265,9 @@ def main() -> None:
     ap.add_argument("--ks", type=int, nargs="+", default=[32, 64, 16], help="in the order they are run")
     ap.add_argument("--val-tokens", type=int, default=65_536, help="tokens captured into the validation store")
     ap.add_argument("--eval-tokens", type=int, default=32_768, help="validation tokens evaluated (<= --val-tokens)")
-    ap.add_argument("--feature-tokens", type=int, default=65_536, help="validation tokens of the feature count")
+    ap.add_argument("--feature-tokens", type=int, nargs="+", default=[65_536, 16_384],
+                    help="validation tokens of the feature count (the first in the main table; the others show "
+                         "how the count depends on the budget)")
     ap.add_argument("--splice-contexts", type=int, default=64)
     ap.add_argument("--fire-fraction", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)

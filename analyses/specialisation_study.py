@@ -85,15 +85,21 @@ def specialists(a, min_lift: float = 3.0) -> pd.DataFrame:
     return sp.groupby(["layer", "top_domain"]).size().unstack(fill_value=0)
 
 
-def pick_features(a, n: int) -> list[int]:
-    """``n`` interpretable latents (>= 20 active tokens; domain lift >= 2 when enough have it) with the
-    highest expert lift at their routed MoE layer, each with a different top domain."""
+def pick_features(a, n: int, min_share: float = 0.25) -> list[int]:
+    """``n`` interpretable latents (>= 20 active tokens; domain lift >= 2 when enough have it), one per top
+    domain, ranked by the highest lift of an expert at their routed MoE layer that carries at least
+    ``min_share`` of their active tokens (a large lift on an expert that sees few of them says little)."""
     lat = a.latents
-    cand = lat[lat["interpretable"].astype(bool) & (lat["count"] >= 20) & lat["top_expert_lift"].notna()]
+    cand = lat[lat["interpretable"].astype(bool) & (lat["count"] >= 20)]
     if (cand["top_domain_lift"] >= 2).sum() >= n:  # prefer latents that also track a domain
         cand = cand[cand["top_domain_lift"] >= 2]
+    le = a.latent_experts
+    le = le[le["at_routed_layer"].astype(bool) & (le["share"] >= min_share) & le["latent"].isin(cand["latent"])]
+    best = le.groupby("latent")["lift"].max().rename("score")
+    ranked = cand.merge(best, left_on="latent", right_index=True).sort_values(["score", "latent"],
+                                                                              ascending=[False, True])
     chosen, seen = [], set()
-    for r in cand.sort_values(["top_expert_lift", "latent"], ascending=[False, True]).itertuples():
+    for r in ranked.itertuples():
         if r.top_domain in seen:
             continue
         chosen.append(int(r.latent))
@@ -103,11 +109,15 @@ def pick_features(a, n: int) -> list[int]:
     return chosen
 
 
-def feature_experts(a, latent: int, n: int = 3) -> pd.DataFrame:
-    """The ``n`` experts with the highest lift at the latent's routed MoE layer."""
+def feature_experts(a, latent: int, n: int = 3, min_share: float = 0.25) -> pd.DataFrame:
+    """The ``n`` experts with the highest lift among those that carry at least ``min_share`` of the latent's
+    active tokens at its routed MoE layer (the largest shares when none does)."""
     le = a.latent_experts
     g = le[(le["latent"] == latent) & le["at_routed_layer"].astype(bool)]
-    return g.sort_values(["lift", "expert"], ascending=[False, True]).head(n)
+    big = g[g["share"] >= min_share]
+    if big.empty:
+        return g.sort_values(["share", "expert"], ascending=[False, True]).head(n)
+    return big.sort_values(["lift", "expert"], ascending=[False, True]).head(n)
 
 
 # ---------------------------------------------------------------- figures
@@ -116,12 +126,13 @@ def feature_experts(a, latent: int, n: int = 3) -> pd.DataFrame:
 def fig_domain_expert(a, layers: list[int]) -> Path:
     plt = pyplot()
     ed = a.expert_domain
-    fig, axes = plt.subplots(1, len(layers), figsize=(4.6 * len(layers), 3.3))
+    fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers) + 1, 3.3), sharey=True)
     vmax = float(np.nanmax(ed["lift_topk"])) if len(ed) else 1.0
-    for ax, layer in zip(np.atleast_1d(axes), layers):
+    for i, (ax, layer) in enumerate(zip(np.atleast_1d(axes), layers)):
         m = ed[ed["layer"] == layer].pivot(index="domain", columns="expert", values="lift_topk")
         im = ax.imshow(m.to_numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
-        ax.set_yticks(range(len(m.index)), list(m.index), fontsize=7)
+        if i == 0:
+            ax.set_yticks(range(len(m.index)), list(m.index), fontsize=7)
         ax.set_xticks(range(0, m.shape[1], 4), [str(c) for c in m.columns[::4]], fontsize=7)
         ax.set_xlabel("expert", fontsize=8)
         ax.set_title(f"layer {layer}: top-k share / (k/E)", fontsize=9)
@@ -217,7 +228,8 @@ def render(a, run: Path, features: list[int], command: str) -> tuple[str, str]:
            f"features come from the RouteSAE run `{md(run.name)}` ({s['n_latents']:,} latents, "
            f"layers {s['layers']}) analysed on the same tokens. Share of domain D on expert i at a layer: "
            "`N_k(E_i, D) / N_D`, the fraction of D's tokens whose top-k includes i; lift = share / (k/E) "
-           "(REFERENCE §7). Tokens per domain: "
+           "(REFERENCE §7). Tokens per domain (the domains present in these tokens; a domain of the corpus "
+           "that is missing here had too few tokens to reach them through the capture's document shuffle): "
            + ", ".join(f"{md(d)} {n:,}" for d, n in sorted(dom_tokens.items())) + ".", "",
            "## Which experts own which domains", "",
            "The expert with the largest top-k share of each focus domain, per MoE layer "
@@ -268,10 +280,12 @@ def render(a, run: Path, features: list[int], command: str) -> tuple[str, str]:
                 md_table(tab), "", "![cold-start routing](figures/specialisation-cold-start.png)", ""]
     out += ["## Three features and the experts they ride on", "",
             "Chosen automatically: interpretable latents (the counting protocol, docs/analysis.md) with at least "
-            "20 active tokens (and a top-domain lift of at least 2 when enough latents have one) and the "
-            "highest expert lift at their routed MoE layer (RouteSAE's most frequent routed layer for that "
-            "latent), one per top domain. Lift = the share of the latent's active tokens "
-            "routed to the expert / the share of all tokens routed to it.", ""]
+            "20 active tokens (and a top-domain lift of at least 2 when enough latents have one), one per top "
+            "domain, ranked by the highest lift of an expert that carries at least a quarter of their active "
+            "tokens at their routed MoE layer (RouteSAE's most frequent routed layer for that latent, or the "
+            "MoE layer at or below it). Share = the fraction of the latent's active tokens whose top-k "
+            "includes the expert; lift = share / the fraction of all tokens whose top-k includes it. Each "
+            "feature lists up to three such experts (share >= 0.25) by lift.", ""]
     for lat in features:
         r = a.latent_row(lat)
         ex = feature_experts(a, lat)
