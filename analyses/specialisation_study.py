@@ -66,15 +66,27 @@ def prepare(args) -> Path:
 # ---------------------------------------------------------------- derived tables
 
 
-def owners(a, domains=FOCUS) -> pd.DataFrame:
+def _with_selectivity(ed: pd.DataFrame) -> pd.DataFrame:
+    """``expert_domain`` plus ``base`` (the fraction of all tokens whose top-k includes the expert at its
+    layer) and ``selectivity`` = share_topk / base (> 1: the domain uses the expert more than the rest)."""
+    g = ed.groupby(["layer", "expert"])
+    base = g["hits_topk"].transform("sum") / g["tokens"].transform("sum")
+    return ed.assign(base=base, selectivity=ed["share_topk"] / base.where(base > 0))
+
+
+def owners(a, domains=FOCUS, by: str = "share_topk", min_share: float = 0.25) -> pd.DataFrame:
     """Per focus domain (every domain when none is present) and MoE layer: the expert with the largest
-    top-k share, its share and lift."""
-    ed = a.expert_domain
+    ``by`` (``share_topk``, or ``selectivity`` among experts with at least ``min_share``), as
+    ``E<i>: share (lift, selectivity)``."""
+    ed = _with_selectivity(a.expert_domain)
     present = set(ed["domain"])
     domains = [d for d in domains if d in present] or sorted(present)  # a corpus without the focus domains
-    ed = ed[ed["domain"].isin(domains)].sort_values(["share_topk", "expert"], ascending=[False, True])
-    best = ed.groupby(["domain", "layer"], sort=True).head(1)
-    cell = best.assign(cell=[f"E{int(r.expert)}: {r.share_topk:.2f} ({r.lift_topk:.1f}x)" for r in best.itertuples()])
+    ed = ed[ed["domain"].isin(domains)]
+    if by == "selectivity":
+        ed = ed[ed["share_topk"] >= min_share]
+    best = ed.sort_values([by, "expert"], ascending=[False, True]).groupby(["domain", "layer"], sort=True).head(1)
+    cell = best.assign(cell=[f"E{int(r.expert)}: {r.share_topk:.2f} ({r.lift_topk:.1f}x, {r.selectivity:.1f}x)"
+                             for r in best.itertuples()])
     return cell.pivot(index="domain", columns="layer", values="cell").reindex(domains)
 
 
@@ -205,6 +217,10 @@ def fig_features(a, latents: list[int]) -> Path:
 # ---------------------------------------------------------------- Markdown
 
 
+def _pivot_md(df: pd.DataFrame, md_table) -> str:
+    return md_table(df.reset_index().rename(columns={c: f"layer {c}" for c in df.columns}))
+
+
 def _num(x, spec=".3f") -> str:
     return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
 
@@ -232,9 +248,15 @@ def render(a, run: Path, features: list[int], command: str) -> tuple[str, str]:
            "that is missing here had too few tokens to reach them through the capture's document shuffle): "
            + ", ".join(f"{md(d)} {n:,}" for d, n in sorted(dom_tokens.items())) + ".", "",
            "## Which experts own which domains", "",
-           "The expert with the largest top-k share of each focus domain, per MoE layer "
-           "(`E<expert>: share (lift)`):", "",
-           md_table(own.reset_index().rename(columns={c: f"layer {c}" for c in own.columns})), "",
+           "Two readings, per focus domain and MoE layer, as `E<expert>: share (lift, selectivity)`, where "
+           "selectivity = the domain's share / the expert's share of all tokens. The lift against k/E alone "
+           "cannot tell an owner from a hub: an expert in the top-k of most tokens has a large share of every "
+           "domain.", "",
+           "The expert with the largest top-k share of the domain:", "",
+           _pivot_md(own, md_table), "",
+           "The most selective expert among those in the top-k of at least a quarter of the domain's tokens "
+           "(the domain's own expert):", "",
+           _pivot_md(owners(a, by="selectivity"), md_table), "",
            "![domain x expert lift](figures/specialisation-domain-expert.png)", ""]
     tops = facts.top_experts_per_domain(a, 3)
     mid = str(sorted(int(x) for x in tops)[len(tops) // 2]) if tops else None
@@ -303,15 +325,18 @@ def render(a, run: Path, features: list[int], command: str) -> tuple[str, str]:
     out += ["![feature x expert lift](figures/specialisation-features.png)", ""]
     doc = "\n".join(out)
 
-    best = a.expert_stats.sort_values("specialisation", ascending=False).iloc[0]
+    sel = _with_selectivity(a.expert_domain)
+    best = sel[sel["share_topk"] >= 0.25].sort_values(["selectivity", "layer"], ascending=[False, True]).iloc[0]
     summ = [f"```\n{command}\n```", "",
-            f"On {s['tokens']:,} tokens of the demo corpus the most specialised expert is layer {int(best.layer)} "
-            f"E{int(best.expert)} ({md(best.top_domain)}, {best.specialisation:.1f}x the uniform share k/E); "
+            f"On {s['tokens']:,} tokens of the demo corpus the most selective expert is layer {int(best.layer)} "
+            f"E{int(best.expert)}: in the top-{k} of {best.share_topk:.0%} of the {md(best.domain)} tokens and of "
+            f"{best.base:.1%} of all tokens ({best.selectivity:.1f}x); "
             f"load CV {ls['load_cv'].min():.2f}-{ls['load_cv'].max():.2f} and Switch aux "
             f"{ls['switch_aux'].min():.2f}-{ls['switch_aux'].max():.2f} (k = {k} when balanced) across the "
             f"8 layers; {len(col)} expert(s) flagged as collapsed. Owners of the focus domains, cold-start routing "
-            "and three RouteSAE features with their experts: [docs/specialisation.md](specialisation.md).", "",
-            md_table(own.reset_index().rename(columns={c: f"layer {c}" for c in own.columns}))]
+            "and three RouteSAE features with their experts: [docs/specialisation.md](specialisation.md). The "
+            "most selective expert of each focus domain per layer (`E<expert>: share (lift against k/E, "
+            "selectivity)`):", "", _pivot_md(owners(a, by="selectivity"), md_table)]
     return doc, "\n".join(summ)
 
 
