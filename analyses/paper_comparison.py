@@ -2,7 +2,8 @@
 
     python analyses/paper_comparison.py [--store DIR] [--tokens 409600] [--train-tokens 409600]
         [--latents 1536] [--ks 32 64 16] [--val-tokens 65536] [--eval-tokens 32768] [--splice-contexts 64]
-        [--feature-tokens 65536 16384] [--fire-fraction 0.5] [--seed 0] [--out runs/paper-comparison] [--no-write]
+        [--feature-tokens 65536 16384] [--fire-fraction 0.5] [--seed 0] [--methods ...]
+        [--out runs/paper-comparison] [--no-write]
 
 One training store of the demo MoE (training split, layers ``auto`` = blocks 1..5 for its 8
 blocks) and one validation store (validation split, the same layers). For every k: RouteSAE with
@@ -92,6 +93,8 @@ def run_all(args) -> dict:
     rows = []
     for k in args.ks:
         for name, opts in METHODS.items():
+            if args.methods and SLUG[name] not in args.methods:
+                continue
             run = out / f"{SLUG[name]}-k{k}"
             ts = time.perf_counter()
             train_once(run, store=store_dir, latents=args.latents, k=k, tokens=args.train_tokens, seed=args.seed,
@@ -139,7 +142,8 @@ def figures(res: dict) -> list[Path]:
     panels = [("nmse", "NMSE (SAE space, lower is better)"), ("ev", "explained variance"),
               ("ce_rec", "CE loss recovered (spliced)"), ("kl", "KL(clean || spliced) per token"),
               ("features", "interpretable features")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.1 * len(panels), 2.9))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.1 * len(panels), 2.9), squeeze=False)
+    axes = axes[0]
     for ax, (key, title) in zip(axes, panels):
         for name in METHODS:
             ys = [next((r[key] for r in rows if r["method"] == name and r["k"] == k), None) for k in ks]
@@ -153,9 +157,12 @@ def figures(res: dict) -> list[Path]:
     fig.tight_layout()
     paths = [savefig(fig, FIG / "paper-comparison-metrics.png")]
 
-    routers = [n for n in METHODS if METHODS[n]["arch"] == "routesae"]
+    routers = [n for n in METHODS if METHODS[n]["arch"] == "routesae" and any(r["method"] == n for r in rows)]
     layers = res["layers"]
-    fig, axes = plt.subplots(1, len(routers), figsize=(4.2 * len(routers), 2.9), sharey=True)
+    if not routers:
+        return paths
+    fig, axes = plt.subplots(1, len(routers), figsize=(4.2 * len(routers), 2.9), sharey=True, squeeze=False)
+    axes = axes[0]
     width = 0.8 / len(ks)
     for ax, name in zip(axes, routers):
         for i, k in enumerate(ks):
@@ -271,6 +278,7 @@ def main() -> None:
     ap.add_argument("--splice-contexts", type=int, default=64)
     ap.add_argument("--fire-fraction", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", nargs="+", choices=list(SLUG.values()), help="a subset of the methods")
     ap.add_argument("--out", default="runs/paper-comparison")
     ap.add_argument("--no-write", action="store_true", help="print the Markdown; leave docs/ alone")
     args = ap.parse_args()
