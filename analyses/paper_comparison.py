@@ -196,8 +196,7 @@ def markdown(res: dict) -> str:
            f"counted). Evaluation: the first {rows[0]['eval_tokens']:,} tokens of the validation store "
            f"(never trained on) for NMSE / explained variance / L0 / dead, splicing on the first "
            f"{rows[0]['splice_tokens'] or 0:,} of them ({a['splice_contexts']} contexts of 256 tokens), the feature "
-           f"count on the first {rows[0]['feature_tokens']:,}. "
-           f"Wall time of the whole script: {res['seconds'] / 60:.0f} min on the 2 shared cores.", "",
+           f"count on the first {rows[0]['feature_tokens']:,}.", "",
            "Definitions (REFERENCE §4): NMSE and explained variance in each SAE's own input space "
            "(RouteSAE: the routed input `p_i* x_i*`, MLSAE: every (token, layer) pair, TopK: block "
            f"{topk_layer}); CE recovered `(CE_zero - CE_spliced) / (CE_zero - CE_clean)`; KL(clean || spliced) "
