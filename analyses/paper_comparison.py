@@ -2,7 +2,7 @@
 
     python analyses/paper_comparison.py [--store DIR] [--tokens 409600] [--train-tokens 409600]
         [--latents 1536] [--ks 32 64 16] [--val-tokens 65536] [--eval-tokens 32768] [--splice-contexts 64]
-        [--feature-tokens 65536 16384] [--fire-fraction 0.5] [--seed 0] [--methods ...]
+        [--feature-tokens 65536 16384] [--fire-fraction 0.5] [--seed 0] [--methods ...] [--extra-topk-layers 1]
         [--out runs/paper-comparison] [--no-write]
 
 One training store of the demo MoE (training split, layers ``auto`` = blocks 1..5 for its 8
@@ -10,7 +10,8 @@ blocks) and one validation store (validation split, the same layers). For every 
 the paper's router (``faithful``) and with the straight-through router (``ste``), a TopK SAE on
 the layer at about 3/4 depth (train.py's default: block 5 of 8) and an MLSAE over the same five
 layers; all with the same dictionary size, the same training tokens, the same batches (seed) and
-the same learning-rate rule. Each run is evaluated on the same held-out validation tokens:
+the same learning-rate rule; as a check, also a TopK SAE at block 1 (``--extra-topk-layers``), the
+layer the ``ste`` router picks for most tokens. Each run is evaluated on the same held-out validation tokens:
 NMSE, explained variance, L0, dead fraction, CE loss recovered and KL per token when spliced
 into the model, the interpretable-feature count (routesae/analyze/features.py) and, for RouteSAE,
 the routed-layer histogram. Finished runs, evaluations and counts are reused on a re-run.
@@ -59,6 +60,11 @@ PAPER = {"TopK (3/4 depth)": {"nmse": "~0.15", "kl": "<150 (sum over 512 positio
 FIG = ROOT / "docs" / "figures"
 
 
+def methods(args) -> dict[str, dict]:
+    """METHODS plus a TopK SAE at each ``--extra-topk-layers`` block (a check, not a baseline of the paper)."""
+    return {**METHODS, **{f"TopK (block {j})": {"arch": "topk", "layer": j} for j in args.extra_topk_layers}}
+
+
 def feature_count_once(run: Path, store: str, tokens: int, fire_fraction: float) -> dict:
     """The interpretable-feature count of ``run`` on ``store`` (cached in ``RUN/feature_count_val_TOKENS.json``)."""
     path = run / f"feature_count_val_{tokens}.json"
@@ -92,10 +98,10 @@ def run_all(args) -> dict:
     print(f"[{time.perf_counter() - t0:5.0f}s] stores {store_dir}, {eval_dir}")
     rows = []
     for k in args.ks:
-        for name, opts in METHODS.items():
-            if args.methods and SLUG[name] not in args.methods:
+        for name, opts in methods(args).items():
+            if args.methods and SLUG.get(name) not in args.methods and opts.get("layer") is None:
                 continue
-            run = out / f"{SLUG[name]}-k{k}"
+            run = out / f"{SLUG.get(name) or 'topk-block' + str(opts['layer'])}-k{k}"
             ts = time.perf_counter()
             train_once(run, store=store_dir, latents=args.latents, k=k, tokens=args.train_tokens, seed=args.seed,
                        **opts)
@@ -117,7 +123,7 @@ def run_all(args) -> dict:
     from routesae.store import Store
 
     train_store = Store(store_dir)
-    result = {"command": " ".join(["python", "analyses/paper_comparison.py", *sys.argv[1:]]),
+    result = {"command": " ".join([".venv/bin/python", "analyses/paper_comparison.py", *sys.argv[1:]]),
               "store": store_dir, "store_tokens": train_store.n_tokens, "layers": train_store.layers,
               "eval_store": eval_dir, "args": vars(args), "rows": rows,
               "seconds": time.perf_counter() - t0}
@@ -145,7 +151,7 @@ def figures(res: dict) -> list[Path]:
     fig, axes = plt.subplots(1, len(panels), figsize=(3.1 * len(panels), 2.9), squeeze=False)
     axes = axes[0]
     for ax, (key, title) in zip(axes, panels):
-        for name in METHODS:
+        for name in dict.fromkeys(r["method"] for r in rows):
             ys = [next((r[key] for r in rows if r["method"] == name and r["k"] == k), None) for k in ks]
             ax.plot(ks, [float("nan") if y is None else y for y in ys], marker="o", label=name)
         ax.set_xscale("log", base=2)
@@ -183,14 +189,15 @@ def figures(res: dict) -> list[Path]:
 def markdown(res: dict) -> str:
     rows, a = res["rows"], res["args"]
     mlsae_layers = next((r["layers"] for r in rows if r["method"] == "MLSAE"), res["layers"])
-    topk_layer = next((r["layers"][0] for r in rows if r["method"].startswith("TopK")), None)
+    topk_layer = next((r["layers"][0] for r in rows if r["method"] == "TopK (3/4 depth)"), None)
     fc = rows[0]["fc_settings"] if rows else {}
     out = [f"```\n{res['command']}\n```", "",
            f"Training store: {res['store_tokens']:,} tokens of the demo MoE's training split, layers "
            f"{res['layers']} (blocks 1..5 = the paper's range `L//4-1 .. 3L//4-1` for L = 8). Every SAE has "
            f"{a['latents']:,} latents (8x d = 192) and trains on {rows[0]['train_tokens']:,} tokens "
            f"({rows[0]['steps']} steps of 4,096-token batches, seed {a['seed']}, identical batches, "
-           f"lr = 2e-4 / sqrt(M / 2^14)). TopK reads block {topk_layer} (3/4 depth). MLSAE reads layers "
+           f"lr = 2e-4 / sqrt(M / 2^14)). TopK reads block {topk_layer} (3/4 depth); `TopK (block j)` rows "
+           f"are a check at another layer, not a baseline of the paper. MLSAE reads layers "
            f"{mlsae_layers}; its examples are (token, layer) pairs, so the same token budget gives it "
            f"{len(mlsae_layers)}x as many examples (the convention of Lawson et al.: tokens, not pairs, are "
            f"counted). Evaluation: the first {rows[0]['eval_tokens']:,} tokens of the validation store "
@@ -278,11 +285,13 @@ def main() -> None:
     ap.add_argument("--fire-fraction", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", nargs="+", choices=list(SLUG.values()), help="a subset of the methods")
+    ap.add_argument("--extra-topk-layers", type=int, nargs="*", default=[1],
+                    help="also train a TopK SAE at these blocks (e.g. 1, where the ste router sends its tokens)")
     ap.add_argument("--out", default="runs/paper-comparison")
     ap.add_argument("--no-write", action="store_true", help="print the Markdown; leave docs/ alone")
     args = ap.parse_args()
     res = run_all(args)
-    order = list(METHODS)
+    order = list(methods(args))
     res["rows"].sort(key=lambda r: (r["k"], order.index(r["method"])))
     md = markdown(res)
     print(md)

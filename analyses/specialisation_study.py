@@ -353,7 +353,7 @@ def main() -> None:
     run = prepare(args)
     a = load_analysis(run)
     feats = pick_features(a, args.features)
-    command = " ".join(["python", "analyses/specialisation_study.py", *sys.argv[1:]])
+    command = " ".join([".venv/bin/python", "analyses/specialisation_study.py", *sys.argv[1:]])
     doc, section = render(a, run, feats, command)
     print(doc)
     if args.no_write:
