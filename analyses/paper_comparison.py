@@ -153,7 +153,8 @@ def figures(res: dict) -> list[Path]:
     for ax, (key, title) in zip(axes, panels):
         for name in dict.fromkeys(r["method"] for r in rows):
             ys = [next((r[key] for r in rows if r["method"] == name and r["k"] == k), None) for k in ks]
-            ax.plot(ks, [float("nan") if y is None else y for y in ys], marker="o", label=name)
+            ax.plot(ks, [float("nan") if y is None else y for y in ys], marker="o", label=name,
+                    ls="--" if name not in METHODS else "-")
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.set_xlabel("k")
