@@ -14,11 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    DEMO_CORPUS,
+    DEMO_MODEL,
+    capture_stores,
+    evaluate_once,
+    fmt,
+    markdown_table,
+    metrics_row,
+    train_once,
+)
 
 
 def router_grad_at_init(run_cfg, store) -> float:
@@ -36,8 +48,8 @@ def router_grad_at_init(run_cfg, store) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(ROOT / "data" / "demo-moe"))
-    ap.add_argument("--corpus", default=str(ROOT / "data" / "corpus"))
+    ap.add_argument("--model", default=str(DEMO_MODEL))
+    ap.add_argument("--corpus", default=str(DEMO_CORPUS))
     ap.add_argument("--store")
     ap.add_argument("--tokens", type=int, default=200_000)
     ap.add_argument("--train-tokens", type=int, default=400_000)
@@ -48,50 +60,29 @@ def main() -> None:
     ap.add_argument("--out", default="runs/router-comparison")
     args = ap.parse_args()
 
-    from routesae.capture import CaptureConfig, capture
-    from routesae.evaluate import EvalConfig, evaluate
     from routesae.store import Store
-    from routesae.train import TrainConfig, train
 
     out = Path(args.out)
-    store_dir = args.store or str(out / "store")
-    eval_dir = str(out / "store-val")
-    if args.store is None:
-        capture(CaptureConfig(model=args.model, corpus=args.corpus, out=store_dir, max_tokens=args.tokens,
-                              device="cpu", progress=False))
-    manifest = Store(store_dir).manifest
-    capture(CaptureConfig(model=manifest["model"]["name_or_path"], corpus=args.corpus, out=eval_dir, split="val",
-                          layers=",".join(map(str, manifest["layers"])), max_tokens=args.eval_tokens,
-                          device="cpu", progress=False))
+    store_dir, eval_dir = capture_stores(args.model, args.corpus, out, args.tokens, args.eval_tokens, args.store)
     store = Store(store_dir)
     rows = []
     for seed in args.seeds:
         for router in ("faithful", "ste"):
-            run = out / f"{router}-seed{seed}"
-            if not (run / "sae.safetensors").exists():
-                train(TrainConfig(store=store_dir, out=str(run), router=router, latents=args.latents, k=args.k,
-                                  tokens=args.train_tokens, seed=seed, device="cpu", progress=False))
-            ev = evaluate(EvalConfig(run=str(run), store=eval_dir, tokens=args.eval_tokens, device="cpu"))
+            run = train_once(out / f"{router}-seed{seed}", store=store_dir, router=router, latents=args.latents,
+                             k=args.k, tokens=args.train_tokens, seed=seed)
+            ev = evaluate_once(run, eval_dir, args.eval_tokens)
             cfg = json.loads((run / "config.json").read_text())
-            sp = ev.get("splice", {})
-            rows.append({"router": router, "seed": seed, "nmse": ev["sae_space"]["nmse"],
-                         "ev": ev["sae_space"]["explained_variance"], "l0": ev["sae_space"]["l0"],
-                         "dead": ev["sae_space"]["dead_fraction"], "ce_rec": sp.get("ce_recovered"),
-                         "kl": sp.get("kl"), "grad0": router_grad_at_init(cfg, store),
-                         "hist": ev.get("routed_layers", {}).get("fractions")})
+            rows.append({"router": router, "seed": seed, **metrics_row(ev), "grad0": router_grad_at_init(cfg, store)})
     layers = store.manifest["layers"]
     print(f"store {store_dir}: {store.n_tokens:,} tokens, routed layers {layers}; RouteSAE {args.latents} latents, "
           f"k={args.k}, {args.train_tokens:,} training tokens; evaluation on {args.eval_tokens:,} validation "
           f"tokens ({eval_dir})\n")
-    print("| router | seed | NMSE | explained var. | L0 | dead | CE recovered | KL/token | grad W_router at init "
-          "(zero biases) | routed-layer fractions |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        hist = ", ".join(f"{x:.2f}" for x in (r["hist"] or []))
-        ce = f"{r['ce_rec']:.3f}" if r["ce_rec"] is not None else "n/a"
-        kl = f"{r['kl']:.4f}" if r["kl"] is not None else "n/a"
-        print(f"| {r['router']} | {r['seed']} | {r['nmse']:.4f} | {r['ev']:.4f} | {r['l0']:.1f} | {r['dead']:.3f} | "
-              f"{ce} | {kl} | {r['grad0']:.2e} | {hist} |")
+    print(markdown_table(
+        ["router", "seed", "NMSE", "explained var.", "L0", "dead", "CE recovered", "KL/token",
+         "grad W_router at init (zero biases)", "routed-layer fractions"],
+        [[r["router"], r["seed"], fmt(r["nmse"]), fmt(r["ev"]), fmt(r["l0"], ".1f"), fmt(r["dead"], ".3f"),
+          fmt(r["ce_rec"], ".3f"), fmt(r["kl"]), f"{r['grad0']:.2e}", ", ".join(f"{x:.2f}" for x in (r["hist"] or []))]
+         for r in rows]))
 
 
 if __name__ == "__main__":
