@@ -167,19 +167,19 @@ def balanced_assign(sim: Tensor, capacity: int) -> Tensor:
     n, k = sim.shape
     if capacity * k < n:
         raise ValueError(f"capacity {capacity} x {k} clusters < {n} items")
-    order = np.argsort(-sim.numpy().reshape(-1), kind="stable")
-    labels = np.full(n, -1, np.int64)
-    room = np.full(k, capacity, np.int64)
+    order = np.argsort(-sim.numpy().reshape(-1), kind="stable").tolist()  # Python ints: a fast plain loop
+    labels = [-1] * n
+    room = [capacity] * k
     left = n
     for flat in order:
-        i, c = divmod(int(flat), k)
+        i, c = divmod(flat, k)
         if labels[i] < 0 and room[c] > 0:
             labels[i] = c
             room[c] -= 1
             left -= 1
             if left == 0:
                 break
-    return torch.from_numpy(labels)
+    return torch.tensor(labels, dtype=torch.long)
 
 
 def balanced_kmeans(vectors: Tensor, k: int, iters: int = 30, seed: int = 0) -> Tensor:
