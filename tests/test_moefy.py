@@ -115,3 +115,9 @@ def test_saved_checkpoint_loads_and_captures(tiny_ckpt, corpus_jsonl, tmp_path):
     r = s.load_router(s.shards[0]["index"])
     assert r["indices"].shape[1:] == (4, K) and int(r["indices"].max()) < E
     torch.testing.assert_close(r["weights"].float().sum(-1), torch.ones(r["weights"].shape[:2]), atol=1e-3, rtol=0)
+
+
+def test_weight_error_is_small(moefied):
+    _, _, report = moefied
+    w = report["weight_error"]
+    assert w["top_k"] == K and w["mean"] < w["max"] < 1e-2
