@@ -20,13 +20,13 @@ Steps, per decoder block (attention, norms and embeddings are copied as they are
    Its top-k recall of the truly largest experts is measured on ``val_tokens`` validation tokens.
 3. **Exact construction in a standard Mixtral.** MoEfication sums the selected experts' outputs
    (weight 1 each); Mixtral multiplies each by its softmax weight renormalised over the top-k.
-   The saved router is the fitted one times a power-of-two temperature ``router_scale`` that makes
-   its logits tiny (mean per-token std about ``2^-12``), so the renormalised weights are ``1/k``
-   up to ``|l_i - mean_topk l|`` of the scaled logits (``moefy.json`` ``weight_error``, on validation
-   tokens; SmolLM2: mean 2e-4, but up to 0.24 on the first token of a context at two layers whose
-   logits are much larger than average: one temperature serves all layers; per-layer
-   temperatures are the obvious next step) while the top-k choice is unchanged (a positive
-   scale keeps the order; float32 still resolves logit gaps of ~1e-4 of their spread); every
+   The saved router of each layer is the fitted one times a power-of-two temperature
+   ``router_scale[i]`` that makes its logits tiny: mean per-token std about ``2^-12``, and no
+   validation token's spread (max - min over experts) above ``2^-7`` (some layers give the first
+   token of a context logits far larger than average). The renormalised weights are then ``1/k``
+   up to ``|l_i - mean_topk l|`` of the scaled logits, below 1% for every validation token
+   (``moefy.json`` ``weight_error``), while the top-k choice is unchanged (a positive
+   scale keeps the order; float32 softmax still separates scaled logits about 6e-8 apart); every
    expert's ``down_proj`` is multiplied by ``k``. With all ``E`` experts active the scale is
    shrunk by a further ``2^-40``: every softmax weight is then exactly ``1/E`` in float32 and the
    model equals the dense one up to float summation order (a test checks logits; SmolLM2: see
@@ -35,8 +35,9 @@ Steps, per decoder block (attention, norms and embeddings are copied as they are
    config. ``config.moefy`` records the construction.
 
 Side effect worth knowing: the stored router logits are temperature-scaled (their softmax is
-nearly uniform and router entropy is uninformative); divide by ``config.moefy["router_scale"]``
-for the fitted scale. With all experts active they underflow to 0 in a float16 store.
+nearly uniform and router entropy is uninformative); divide layer i's by
+``config.moefy["router_scale"][i]`` for the fitted scale. With all experts active they underflow
+to 0 in a float16 store.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ from routesae.zoo.train_lm import sorted_experts_forward
 
 log = logging.getLogger(__name__)
 
-LOGIT_STD = 2.0**-12  # target std of the saved router's logits (see the module docstring)
+LOGIT_STD = 2.0**-12  # target mean per-token std of a layer's saved router logits (see the module docstring)
+MAX_SPREAD = 2.0**-7  # cap on a layer's largest per-token logit spread (max - min): bounds |k w - 1|
 ALL_EXPERTS_SHRINK = 2.0**-40  # extra router scale when every expert is active: weights exactly 1/E
 RECALL_KS = (1, 2, 4, 8)
 
@@ -249,12 +251,12 @@ def topk_recall(pred: Tensor, true: Tensor, k: int) -> float:
     return float((p * t).sum(-1).double().mean() / k)
 
 
-def topk_weight_error(logits: list[Tensor], scale: float, k: int) -> dict[str, float]:
+def topk_weight_error(logits: list[Tensor], scales: list[float], k: int) -> dict[str, float]:
     """``|k w - 1|`` of Mixtral's renormalised top-k weights at the saved temperature, on validation logits.
 
     The construction's only deviation from the plain MoEfication sum (weight 1 per selected expert)."""
     dev = []
-    for lg in logits:
+    for lg, scale in zip(logits, scales):
         p = torch.softmax(lg.float() * scale, -1)
         w = p.topk(k, -1).values
         dev.append((w / w.sum(-1, keepdim=True) * k - 1).abs())
@@ -262,9 +264,12 @@ def topk_weight_error(logits: list[Tensor], scale: float, k: int) -> dict[str, f
     return {"max": float(d.max()), "mean": float(d.mean()), "top_k": k}
 
 
-def router_scale(logit_std: float) -> float:
-    """The power of two that brings the fitted logits' std to about ``LOGIT_STD``."""
-    return 2.0 ** math.floor(math.log2(LOGIT_STD / max(logit_std, 1e-30)))
+def router_scale(logits: Tensor) -> float:
+    """A layer's temperature: the power of two that brings the mean per-token std of its fitted logits
+    ``[n, E]`` to about ``LOGIT_STD``, lowered when needed so no token's spread exceeds ``MAX_SPREAD``."""
+    std = float(logits.std(-1).mean())
+    spread = float((logits.max(-1).values - logits.min(-1).values).max())
+    return 2.0 ** math.floor(math.log2(min(LOGIT_STD / max(std, 1e-30), MAX_SPREAD / max(spread, 1e-30))))
 
 
 # ---------------------------------------------------------------- Mixtral checkpoint
@@ -302,12 +307,13 @@ def build_moe(dense, perms: list[Tensor], routers: list[Tensor], top_k: int, inf
 
     experts = perms[0].shape[0]
     cfg = mixtral_config(dense.config, experts, top_k)
-    scale = info["router_scale"] * (ALL_EXPERTS_SHRINK if top_k == experts else 1.0)
-    cfg.moefy = {**info, "top_k": top_k, "router_scale_now": scale}
+    shrink = ALL_EXPERTS_SHRINK if top_k == experts else 1.0
+    scales = [s * shrink for s in info["router_scale"]]
+    cfg.moefy = {**info, "top_k": top_k, "router_scale_now": scales}
     state = {k: v for k, v in dense.state_dict().items() if ".mlp." not in k}
     for i, (ffn, perm, router) in enumerate(zip(dense_ffns(dense), perms, routers)):
         p = f"model.layers.{i}.mlp."
-        state[p + "gate.weight"] = router * scale
+        state[p + "gate.weight"] = router * scales[i]
         state[p + "experts.gate_up_proj"] = torch.cat([ffn.gate[perm], ffn.up[perm]], 1)  # [E, 2I/E, d]
         state[p + "experts.down_proj"] = ffn.down[:, perm].permute(1, 0, 2) * top_k  # [E, d, I/E]
     torch.manual_seed(0)
@@ -327,14 +333,15 @@ def set_top_k(model, k: int):
     experts, old = int(c.num_local_experts), int(c.num_experts_per_tok)
     if not 1 <= k <= experts:
         raise ValueError(f"top-k {k} must be between 1 and {experts}")
-    scale = info["router_scale"] * (ALL_EXPERTS_SHRINK if k == experts else 1.0)
-    for block in decoder_layers(model):
+    shrink = ALL_EXPERTS_SHRINK if k == experts else 1.0
+    scales = [s * shrink for s in info["router_scale"]]
+    for block, new, now in zip(decoder_layers(model), scales, info["router_scale_now"]):
         moe = block.mlp
         moe.experts.down_proj.mul_(k / old)
-        moe.gate.weight.mul_(scale / info["router_scale_now"])
+        moe.gate.weight.mul_(new / now)
         moe.top_k = moe.gate.top_k = k
     c.num_experts_per_tok = k
-    c.moefy = {**info, "top_k": k, "router_scale_now": scale}
+    c.moefy = {**info, "top_k": k, "router_scale_now": scales}
     return model
 
 
@@ -398,19 +405,19 @@ def moefy_model(dense, train_batches: Iterator[tuple[Tensor, Tensor]], val_batch
         share = true[i].topk(top_k, -1).values.sum(-1) / true[i].sum(-1).clamp_min(1e-12)
         per_layer.append({"layer": i, **{f"recall@{k}": topk_recall(pred[i], true[i], k) for k in ks},
                           f"true_top{top_k}_norm_share": float(share.mean())})
-    logit_std = float(torch.cat(pred).std(-1).mean())
-    scale = router_scale(logit_std)
+    scales = [router_scale(p) for p in pred]
     info = {
         "source_architecture": type(dense).__name__, "experts": experts, "cluster": cluster,
         "cluster_tokens": cluster_tokens, "router_tokens": fits[0].n, "val_tokens": int(pred[0].shape[0]),
         "ridge": ridge, "router_target": "per-expert output norm ||W_down,e h_e(x)||, ridge regression",
-        "router_scale": scale, "fitted_logit_std": logit_std,
-        "construction": "router x router_scale (power of two; x 2^-40 more with all experts), down_proj x top_k",
+        "router_scale": scales, "fitted_logit_std": [float(p.std(-1).mean()) for p in pred],
+        "construction": "router of layer i x router_scale[i] (power of two; x 2^-40 more with all experts), "
+                        "down_proj x top_k",
     }
     report = {
         **info, "recall": {f"recall@{k}": float(np.mean([r[f"recall@{k}"] for r in per_layer])) for k in ks},
         "random_recall": {f"recall@{k}": k / experts for k in ks}, "per_layer": per_layer,
-        "weight_error": topk_weight_error(pred, scale, top_k),
+        "weight_error": topk_weight_error(pred, scales, top_k),
         "seconds": {"cluster": t_cluster, "router": t_router, "total": time.time() - t0},
     }
     return build_moe(dense, perms, routers, top_k, info), report
