@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
+from experiment_steps import (  # noqa: E402
     DEMO_CORPUS,
     DEMO_MODEL,
     ROOT,

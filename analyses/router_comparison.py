@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
+from experiment_steps import (  # noqa: E402
     DEMO_CORPUS,
     DEMO_MODEL,
     capture_stores,

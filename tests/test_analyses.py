@@ -14,32 +14,33 @@ ANALYSES = Path(__file__).resolve().parents[1] / "analyses"
 
 
 @pytest.fixture(scope="module")
-def common():
+def steps():
     sys.path.insert(0, str(ANALYSES))
     try:
-        yield importlib.import_module("common")
+        yield importlib.import_module("experiment_steps")
     finally:
         sys.path.remove(str(ANALYSES))
+        sys.modules.pop("experiment_steps", None)
 
 
-def test_write_section_replaces_only_its_block(common, tmp_path):
+def test_write_section_replaces_only_its_block(steps, tmp_path):
     doc = tmp_path / "RESULTS.md"
     doc.write_text("# Results\n\nhand-written text\n")
-    common.write_section(doc, "x", "first")
-    common.write_section(doc, "y", "other")
-    common.write_section(doc, "x", "second\nversion")
+    steps.write_section(doc, "x", "first")
+    steps.write_section(doc, "y", "other")
+    steps.write_section(doc, "x", "second\nversion")
     text = doc.read_text()
     assert "hand-written text" in text and "first" not in text
     assert text.count("<!-- x:begin -->") == 1 and "second\nversion\n<!-- x:end -->" in text
     assert text.index("<!-- x:begin -->") < text.index("<!-- y:begin -->")
 
 
-def test_markdown_table_and_fmt(common):
-    t = common.markdown_table(["a", "b"], [[1, common.fmt(None)], [2, common.fmt(0.123456, ".3f")]])
+def test_markdown_table_and_fmt(steps):
+    t = steps.markdown_table(["a", "b"], [[1, steps.fmt(None)], [2, steps.fmt(0.123456, ".3f")]])
     assert t.splitlines() == ["| a | b |", "|---|---|", "| 1 | n/a |", "| 2 | 0.123 |"]
 
 
-def test_specialisation_render_escapes_corpus_text(common, tmp_path):
+def test_specialisation_render_escapes_corpus_text(steps, tmp_path):
     pytest.importorskip("matplotlib")
     from routesae.report.load import load_analysis
 
