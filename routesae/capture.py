@@ -35,7 +35,7 @@ from routesae.corpus import (
     iter_documents,
 )
 from routesae.layers import parse_layers
-from routesae.models.intervene import RoutingOverride, override_routing
+from routesae.models.intervene import RoutingOverride, override_routing, routing_rule
 from routesae.models.load import (
     ModelConfig,
     base_model,
@@ -102,7 +102,7 @@ class CaptureConfig:
 class HFRunner:
     """Hooks on a Hugging Face model: chosen blocks' outputs and the router adapter's decisions."""
 
-    def __init__(self, model, layers: list[int], want_logits: bool, override: str | None = None):
+    def __init__(self, model, layers: list[int], want_logits: bool, override: RoutingOverride | None = None):
         self.model = model
         self.layers = layers
         self.adapter = adapter_for(model)
@@ -144,7 +144,7 @@ class HFRunner:
 class TLRunner:
     """The same through a TransformerLens ``HookedTransformer`` (``run_with_cache``)."""
 
-    def __init__(self, model, layers: list[int], want_logits: bool, override: str | None = None):
+    def __init__(self, model, layers: list[int], want_logits: bool, override: RoutingOverride | None = None):
         from routesae.models import tl
 
         self._override = contextlib.ExitStack()
@@ -169,7 +169,7 @@ class TLRunner:
 # ---------------------------------------------------------------- helpers
 
 
-def _token_strings(tokenizer, vocab_size: int) -> np.ndarray:
+def token_strings(tokenizer, vocab_size: int) -> np.ndarray:
     """Decoded text of every token id (one decode per vocabulary entry, not per token)."""
     n = max(vocab_size, len(tokenizer))
     return np.array([tokenizer.decode([i]) for i in range(n)], dtype=object)
@@ -235,22 +235,20 @@ def capture(cfg: CaptureConfig, on_shard: Callable[[dict], None] | None = None, 
     """
     if model is not None and cfg.backend != "hf":
         raise CaptureError("passing a loaded model works with backend hf only")
-    RoutingOverride.parse(cfg.routing_override)  # a bad string fails before the model loads
+    override = RoutingOverride.parse(cfg.routing_override)  # a bad string fails before the model loads
     model, tok, runner_cls, n_layers, d_model, conf = _open(cfg, model, tokenizer)
     if tok is None:
         raise CaptureError(f"no tokenizer found with model '{cfg.model}'; put tokenizer files in the checkpoint folder")
     layers = parse_layers(cfg.layers, n_layers)
-    runner = runner_cls(model, layers, cfg.router_logits, cfg.routing_override)
+    runner = runner_cls(model, layers, cfg.router_logits, override)
     adapter = getattr(runner, "adapter", None)
     n_experts = adapter.num_experts() if adapter else (getattr(model.cfg, "num_experts", None) if cfg.backend == "tl"
                                                        else None)
     k_max = adapter.top_k() if adapter else (getattr(model.cfg, "experts_per_token", None) if cfg.backend == "tl"
                                              else None)
     top_k = k_max
-    if cfg.routing_override and runner.moe_layers:  # wider sets under top-p / threshold / top-k' > k
-        from routesae.models.intervene import _TLRule
-
-        k_max = RoutingOverride.parse(cfg.routing_override).max_width(adapter or _TLRule(model))
+    if override and runner.moe_layers:  # wider sets under top-p / threshold / top-k' > k
+        k_max = override.max_width(routing_rule(model))
     extras = adapter.extra_fields() if adapter else ()
     header = {
         "model": {"name_or_path": cfg.model, "config_hash": config_hash(model) if cfg.backend == "hf" else None,
@@ -258,7 +256,7 @@ def capture(cfg: CaptureConfig, on_shard: Callable[[dict], None] | None = None, 
                   "model_type": getattr(conf, "model_type", None), "vocab_size": int(conf.vocab_size)},
         "d_model": int(d_model), "n_layers": int(n_layers), "layers": layers, "moe_layers": runner.moe_layers,
         "n_experts": n_experts, "top_k": top_k, "k_max": k_max,
-        "routing_override": str(RoutingOverride.parse(cfg.routing_override)) or None,
+        "routing_override": str(override) or None,
         "router_extras": list(extras), "router_logits": cfg.router_logits,
         "dtype": cfg.dtype, "ctx": cfg.ctx, "bos_token_id": getattr(tok, "bos_token_id", None),
         "corpus": {"path": cfg.corpus, "fingerprint": corpus_fingerprint(CorpusConfig(cfg.corpus))},
@@ -275,7 +273,7 @@ def capture(cfg: CaptureConfig, on_shard: Callable[[dict], None] | None = None, 
     stats = CorpusStats()
     docs = iter_documents(CorpusConfig(cfg.corpus, cfg.text_field, cfg.domain_field, cfg.split, seed=cfg.seed), stats)
     builder = ContextBuilder(tok, cfg.ctx, cfg.packing)
-    token_text = _token_strings(tok, int(conf.vocab_size))
+    token_text = token_strings(tok, int(conf.vocab_size))
     device = first_device(model)
 
     buf_resid: list[torch.Tensor] = []
@@ -326,7 +324,7 @@ def capture(cfg: CaptureConfig, on_shard: Callable[[dict], None] | None = None, 
             buf_resid.append((resid if rows is None else resid.index_select(0, rows)).cpu())
             if runner.moe_layers:
                 buf_router.append(_router_arrays(route, runner.moe_layers, rows, k_max, extras, cfg.router_logits))
-            buf_tokens.append(_token_rows(batch, builder, token_text, keep.cpu().numpy()))
+            buf_tokens.append(token_rows(batch, builder, token_text, keep.cpu().numpy()))
             buffered += n
             total += n
             last_end = int(batch.context_index[-1]) + 1
@@ -385,7 +383,7 @@ def prefetch(items: Iterator, depth: int = 4) -> Iterator:
         thread.join(timeout=5)
 
 
-def _token_rows(batch: ContextBatch, builder: ContextBuilder, token_text: np.ndarray, keep: np.ndarray) -> pd.DataFrame:
+def token_rows(batch: ContextBatch, builder: ContextBuilder, token_text: np.ndarray, keep: np.ndarray) -> pd.DataFrame:
     ids = batch.input_ids.reshape(-1)[keep]
     doc_index = batch.doc_index.reshape(-1)[keep]
     b, t = batch.input_ids.shape

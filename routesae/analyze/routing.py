@@ -31,14 +31,13 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from routesae.analyze.routing_tables import routing_tables
 from routesae.atomic import atomic_path, atomic_write_json
-from routesae.capture import _token_rows, _token_strings
+from routesae.capture import token_rows, token_strings
 from routesae.corpus import ContextBuilder, CorpusConfig, iter_documents
 from routesae.layers import parse_layers
 from routesae.models.intervene import RoutingOverride, override_routing, scored_experts
@@ -96,13 +95,23 @@ def default_k_grid(k: int, total: int) -> list[int]:
 class _Forward:
     """One batch: the model's own pass, then any override against it (per-token KL and CE)."""
 
-    def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor):
+    def __init__(self, model, adapter, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor):
         self.model, self.ids, self.mask = model, ids, mask
         self.keep = keep                                         # [B*T] real tokens analysed
         real = mask.bool()
         self.pred = torch.zeros_like(real)
         self.pred[:, :-1] = real[:, :-1] & real[:, 1:]          # positions with a real next token
-        self.logp = self._logp()
+        # the model's own pass, with the adapter's hooks recording its real experts per token
+        got: dict[int, torch.Tensor] = {}
+        handles = [h for layer in adapter.moe_layers()
+                   for h in adapter.attach(layer, lambda i, d: got.__setitem__(i, d.n_active), want_logits=False)]
+        try:
+            self.logp = self._logp()
+        finally:
+            for h in handles:
+                h.remove()
+        keep_np = keep.cpu().numpy()
+        self.own_counts = {layer: got[layer].cpu().numpy()[keep_np] for layer in adapter.moe_layers()}
         self.ce_own = self._ce(self.logp)
 
     @torch.inference_mode()
@@ -124,18 +133,6 @@ class _Forward:
         counts = ({layer: c.cpu().numpy()[self.keep.cpu().numpy()] for layer, c in active.counts.items()}
                   if record else None)
         return kl, self._ce(logp), counts
-
-
-def _own_counts(model, adapter, fw: _Forward) -> dict[int, np.ndarray]:
-    got: dict[int, Any] = {}
-    handles = [h for layer in adapter.moe_layers()
-               for h in adapter.attach(layer, lambda i, d: got.__setitem__(i, d.n_active), want_logits=False)]
-    try:
-        fw._logp()
-    finally:
-        for h in handles:
-            h.remove()
-    return {layer: got[layer].cpu().numpy()[fw.keep.cpu().numpy()] for layer in adapter.moe_layers()}
 
 
 def _layer_subset(spec: str, moe: list[int], n_blocks: int, option: str) -> list[int]:
@@ -235,7 +232,7 @@ def _collect(cfg: RoutingAnalysisConfig, model, tokenizer, adapter, grid: _Grid)
 
     docs = iter_documents(CorpusConfig(cfg.corpus, cfg.text_field, cfg.domain_field, cfg.split, seed=cfg.seed))
     builder = ContextBuilder(tokenizer, cfg.ctx, cfg.packing)
-    token_text = _token_strings(tokenizer, int(model.config.vocab_size))
+    token_text = token_strings(tokenizer, int(model.config.vocab_size))
     device = first_device(model)
     acc: dict[str, list] = {key: [] for key in ("tokens", "ce_own", "own", "topk_kl", "topk_ce", "layer_kl",
                                                  "topp_kl", "topp_ce", "topp_n", "abl_ce")}
@@ -248,11 +245,11 @@ def _collect(cfg: RoutingAnalysisConfig, model, tokenizer, adapter, grid: _Grid)
                 break
             keep = torch.from_numpy(batch.attention_mask.reshape(-1).astype(bool))
             keep &= torch.cumsum(keep.long(), 0) <= cfg.max_tokens - done
-            fw = _Forward(model, torch.from_numpy(batch.input_ids).to(device),
+            fw = _Forward(model, adapter, torch.from_numpy(batch.input_ids).to(device),
                           torch.from_numpy(batch.attention_mask).to(device), keep.to(device))
-            acc["tokens"].append(_token_rows(batch, builder, token_text, keep.numpy()))
+            acc["tokens"].append(token_rows(batch, builder, token_text, keep.numpy()))
             acc["ce_own"].append(fw.ce_own)
-            acc["own"].append(_own_counts(model, adapter, fw))
+            acc["own"].append(fw.own_counts)
             runs = {kk: fw.run(RoutingOverride.of("topk", kk)) for kk in grid.k_grid}
             acc["topk_kl"].append({kk: r[0] for kk, r in runs.items()})
             acc["topk_ce"].append({kk: r[1] for kk, r in runs.items()})

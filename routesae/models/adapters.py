@@ -175,7 +175,10 @@ class HFMoEAdapter(RouterAdapter):
             pad = k_max - idx.shape[1]
             idx = torch.nn.functional.pad(idx, (0, pad), value=-1)
             w = torch.nn.functional.pad(w, (0, pad), value=0.0)
-        unused = (idx < 0) | ((w == 0) & _repeats(idx))
+        unused = idx < 0
+        zero = w == 0
+        if bool(zero.any()):  # only interventions pad with weight-0 repeats; skip the sort otherwise
+            unused |= zero & _repeats(idx)
         idx = idx.masked_fill(unused, -1)
         w = w.masked_fill(unused, 0.0)
         n_active = ((idx >= 0) & (idx < n_experts)).sum(-1)

@@ -292,6 +292,13 @@ def override_routing(model: nn.Module, override: str | RoutingOverride | None,
             h.remove()
 
 
+def routing_rule(model: nn.Module):
+    """The object holding ``model``'s routing rule (its router adapter, or the TransformerLens rule)."""
+    if hasattr(model, "cfg") and not hasattr(model, "config"):  # a TransformerLens HookedTransformer
+        return _TLRule(model)
+    return adapter_for(model)
+
+
 # ---------------------------------------------------------------- TransformerLens
 
 

@@ -46,6 +46,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 import types
 from collections.abc import Callable, Iterable, Iterator
@@ -443,14 +444,32 @@ def moefy(cfg: MoefyConfig, log_fn: Callable[[str], None] = log.info) -> Path:
     moe, report = moefy_model(dense, train, val, cfg.experts, cfg.top_k, cfg.cluster, cfg.cluster_tokens,
                               cfg.router_tokens, cfg.val_tokens, cfg.ridge, cfg.kmeans_iters, cfg.seed, log_fn)
     moe.config.moefy["source"] = cfg.source
-    out.mkdir(parents=True, exist_ok=True)
-    moe.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
     report["config"] = asdict(cfg) | {"out": None}  # no machine paths in the record
-    atomic_write_json(out / "moefy.json", report)
+    _save_folder(out, moe, tok, report)
     log_fn(f"MoEfied model saved in {out}: recall {json.dumps(report['recall'])} "
            f"(random {json.dumps(report['random_recall'])})")
     return out
+
+
+def _save_folder(out: Path, moe, tok, report: dict) -> None:
+    """Write the checkpoint into a temporary sibling folder, then rename it over ``out``: an
+    interrupted save (or a ``--force`` rebuild) never leaves a half-written model behind."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        moe.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        atomic_write_json(tmp / "moefy.json", report)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def plain_sum_forward(moe) -> None:
