@@ -73,6 +73,10 @@ class HFMoEAdapter(RouterAdapter):
     router_attr: ClassVar[str] = "gate"
     experts_attr: ClassVar[str] = "experts"
     experts_key: ClassVar[str] = "num_experts"  # config field holding E
+    # whether ``experts(x, indices, weights)`` receives the decision itself; False where the block
+    # rewrites it first (LongCat-Flash since transformers 5.25: identity experts become weight-0
+    # dummy slots), so the router's output is the decision and overrides replace that output
+    experts_get_decision: ClassVar[bool] = True
 
     # ---- layout -------------------------------------------------------------------------
     def is_moe_layer(self, i: int) -> bool:
@@ -122,11 +126,9 @@ class HFMoEAdapter(RouterAdapter):
             emit(layer, self.decision(state["indices"], state["weights"], state.get("logits"), extra))
             state.clear()
 
-        handles = [
-            block.register_forward_pre_hook(on_block_start),
-            router.register_forward_hook(on_router),
-            experts.register_forward_pre_hook(on_experts, with_kwargs=True),
-        ]
+        handles = [block.register_forward_pre_hook(on_block_start), router.register_forward_hook(on_router)]
+        if self.experts_get_decision:
+            handles.append(experts.register_forward_pre_hook(on_experts, with_kwargs=True))
         handles += self.attach_extra(block, state)
         handles.append(block.register_forward_hook(on_block_end))
         return handles
@@ -322,9 +324,14 @@ class LongcatFlashAdapter(HFMoEAdapter):
     dense MLPs (``mlps``). Layer i is, as everywhere, the output of decoder block i; the MoE of
     block i reads the residual after that block's first attention sublayer. Router logits have
     ``n_routed_experts + zero_expert_num`` columns.
+
+    The decision is read from (and overridden at) the router's output: since transformers 5.25 the
+    block turns identity-expert slots into weight-0 slots of real experts before calling
+    ``experts``, so the experts' inputs no longer say which slots were identity experts.
     """
 
     model_types = ("longcat_flash",)
+    experts_get_decision = False
     router_attr = "router"
     experts_key = "n_routed_experts"
     topk_sorted = False

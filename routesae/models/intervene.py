@@ -29,7 +29,9 @@ block is replaced for the duration (same softmax rule, same ``hook_expert_weight
 
 Mechanics (Hugging Face): a forward hook on each router keeps its logits; a forward pre-hook on the block's
 ``experts`` module, registered first (``prepend=True``), replaces the ``(indices, weights)`` the
-experts receive, so capture's own hook on ``experts`` records the overridden routing. Sets of
+experts receive, so capture's own hook on ``experts`` records the overridden routing (families whose
+block rewrites the decision before its experts, LongCat-Flash, get a forward hook on the router,
+registered first, that replaces the router's output instead). Sets of
 different sizes are padded with a repeat of the token's first expert at weight 0 (the grouped /
 batched experts kernels accept no sentinel index); capture reads such slots as unused.
 
@@ -282,7 +284,18 @@ def override_routing(model: nn.Module, override: str | RoutingOverride | None,
                 active.counts[layer] = (valid & (idx < n_real)).sum(-1)
             return _replace_inputs(args, kwargs, idx, w)
 
-        handles.append(getattr(block, adapter.router_attr).register_forward_hook(on_router))
+        def on_router_replace(module, args, out, plan=plan, block=block, layer=layer):
+            with torch.no_grad():
+                idx, w, valid = reroute(adapter, block, out[0], plan)
+            if record:
+                active.counts[layer] = (valid & (idx < n_real)).sum(-1)
+            return (out[0], w.to(out[1].device, out[1].dtype), idx.to(out[2].device, out[2].dtype), *out[3:])
+
+        router = getattr(block, adapter.router_attr)
+        if not adapter.experts_get_decision:  # the block rewrites the decision before its experts see it
+            handles.append(router.register_forward_hook(on_router_replace, prepend=True))
+            continue
+        handles.append(router.register_forward_hook(on_router))
         handles.append(getattr(block, adapter.experts_attr).register_forward_pre_hook(
             on_experts, with_kwargs=True, prepend=True))
     try:
