@@ -5,6 +5,11 @@ states are never materialised); routing comes from the router adapter's hooks (H
 backend) or from TransformerLens hooks (``backend="tl"``). Padding positions are dropped before
 anything is written. The run resumes after the last complete shard of an interrupted capture.
 
+Before anything is written, options, ``--out``, the corpus (its first document), the model and the
+layers are checked (routesae/capture_checks.py): a failed start leaves no folder, and a store with no
+tokens yet may be replaced by a corrected re-run. A resume recomputes the corpus fingerprint and
+refuses a changed corpus; ``OUT/.capture.lock`` (routesae/store_lock.py) keeps a second capture out.
+
 Python API::
 
     from routesae.capture import CaptureConfig, capture
@@ -26,14 +31,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from routesae.corpus import (
-    ContextBatch,
-    ContextBuilder,
-    CorpusConfig,
-    CorpusStats,
-    corpus_fingerprint,
-    iter_documents,
-)
+from routesae.capture_checks import CaptureError, preflight
+from routesae.corpus import ContextBatch, ContextBuilder, CorpusConfig, CorpusStats, iter_documents
 from routesae.layers import parse_layers
 from routesae.models.intervene import RoutingOverride, override_routing, routing_rule
 from routesae.models.load import (
@@ -48,13 +47,10 @@ from routesae.models.load import (
     resolve_source,
 )
 from routesae.models.routers import RoutingDecision, adapter_for
-from routesae.store import StoreWriter
+from routesae.store import StoreWriter, resumable
+from routesae.store_lock import store_lock
 
 log = logging.getLogger(__name__)
-
-
-class CaptureError(ValueError):
-    """Capture cannot run as asked; the message says what to change."""
 
 
 @dataclass
@@ -232,20 +228,42 @@ def capture(cfg: CaptureConfig, on_shard: Callable[[dict], None] | None = None, 
 
     ``model`` / ``tokenizer``: an already loaded Hugging Face model (``cfg.model`` then only names
     it in the manifest), for notebooks and benchmarks. ``on_shard`` is called after each shard.
+    Options, ``--out``, the corpus, the model and the layers are all checked before anything is
+    written; the folder is locked against a second capture for the whole run.
     """
     if model is not None and cfg.backend != "hf":
         raise CaptureError("passing a loaded model works with backend hf only")
-    override = RoutingOverride.parse(cfg.routing_override)  # a bad string fails before the model loads
+    pre = preflight(cfg)
     model, tok, runner_cls, n_layers, d_model, conf = _open(cfg, model, tokenizer)
     if tok is None:
         raise CaptureError(f"no tokenizer found with model '{cfg.model}'; put tokenizer files in the checkpoint folder")
     layers = parse_layers(cfg.layers, n_layers)
-    runner = runner_cls(model, layers, cfg.router_logits, override)
+    fingerprint = pre.fingerprint()
+    if pre.existing is not None:  # a changed corpus is refused here, before the lock file is made
+        resumable(cfg.out, pre.existing, cfg.content_args(), fingerprint)
+    with store_lock(cfg.out):
+        runner = runner_cls(model, layers, cfg.router_logits, pre.override)
+        try:
+            header, k_max, extras = _header(cfg, model, conf, tok, runner, layers, n_layers, d_model, pre.override)
+            header["corpus"]["fingerprint"] = fingerprint
+            writer = StoreWriter(cfg.out, header, cfg.content_args())
+            if writer.complete:
+                log.info("store %s is complete (%d tokens); nothing to do", cfg.out, writer.tokens_done)
+            else:
+                _fill(cfg, writer, runner, tok, int(conf.vocab_size), first_device(model), pre.corpus,
+                      len(layers) * d_model, k_max, extras, on_shard)
+        finally:
+            runner.close()
+    return Path(cfg.out)
+
+
+def _header(cfg: CaptureConfig, model, conf, tok, runner, layers: list[int], n_layers: int, d_model: int,
+            override: RoutingOverride) -> tuple[dict, int | None, tuple[str, ...]]:
+    """The manifest's description of model, layers and routing; also k_max and the router extras."""
     adapter = getattr(runner, "adapter", None)
-    n_experts = adapter.num_experts() if adapter else (getattr(model.cfg, "num_experts", None) if cfg.backend == "tl"
-                                                       else None)
-    k_max = adapter.top_k() if adapter else (getattr(model.cfg, "experts_per_token", None) if cfg.backend == "tl"
-                                             else None)
+    tl = cfg.backend == "tl"
+    n_experts = adapter.num_experts() if adapter else (getattr(model.cfg, "num_experts", None) if tl else None)
+    k_max = adapter.top_k() if adapter else (getattr(model.cfg, "experts_per_token", None) if tl else None)
     top_k = k_max
     if override and runner.moe_layers:  # wider sets under top-p / threshold / top-k' > k
         k_max = override.max_width(routing_rule(model))
@@ -259,22 +277,22 @@ def capture(cfg: CaptureConfig, on_shard: Callable[[dict], None] | None = None, 
         "routing_override": str(override) or None,
         "router_extras": list(extras), "router_logits": cfg.router_logits,
         "dtype": cfg.dtype, "ctx": cfg.ctx, "bos_token_id": getattr(tok, "bos_token_id", None),
-        "corpus": {"path": cfg.corpus, "fingerprint": corpus_fingerprint(CorpusConfig(cfg.corpus))},
+        "corpus": {"path": cfg.corpus},
         "layer_numbering": "layer i = output of decoder block i = HF hidden_states[i+1]",
     }
-    writer = StoreWriter(cfg.out, header, cfg.content_args())
-    if writer.complete:
-        log.info("store %s is complete (%d tokens); nothing to do", cfg.out, writer.tokens_done)
-        runner.close()
-        return Path(cfg.out)
+    return header, k_max, extras
 
-    bytes_per_token = len(layers) * d_model * torch.finfo(resolve_dtype(cfg.dtype)).bits // 8
+
+def _fill(cfg: CaptureConfig, writer: StoreWriter, runner, tok, vocab_size: int, device, corpus: CorpusConfig,
+          values_per_token: int, k_max: int | None, extras: tuple[str, ...],
+          on_shard: Callable[[dict], None] | None) -> None:
+    """Run the corpus through the model from where ``writer``'s store stops, shard by shard, and finish it."""
+    bytes_per_token = values_per_token * torch.finfo(resolve_dtype(cfg.dtype)).bits // 8
     shard_tokens = max(int(cfg.shard_mb * 2**20 / bytes_per_token), cfg.ctx)
     stats = CorpusStats()
-    docs = iter_documents(CorpusConfig(cfg.corpus, cfg.text_field, cfg.domain_field, cfg.split, seed=cfg.seed), stats)
+    docs = iter_documents(corpus, stats)
     builder = ContextBuilder(tok, cfg.ctx, cfg.packing)
-    token_text = token_strings(tok, int(conf.vocab_size))
-    device = first_device(model)
+    token_text = token_strings(tok, vocab_size)
 
     buf_resid: list[torch.Tensor] = []
     buf_router: list[dict[str, torch.Tensor]] = []
@@ -333,15 +351,13 @@ def capture(cfg: CaptureConfig, on_shard: Callable[[dict], None] | None = None, 
                 flush(last_end)
         flush(last_end)
         settle()
+        if writer.tokens_done == 0:  # left incomplete and empty: a re-run with other arguments may replace it
+            raise CaptureError(f"capture wrote no tokens into {cfg.out}; check --max-tokens and the corpus")
         writer.finish(corpus_stats={"documents_read": stats.documents, "skipped_non_utf8": stats.skipped_lines,
                                     "skipped_empty": stats.skipped_empty})
     finally:
         pool.shutdown(wait=True)  # a shard already handed to the writer completes (atomically) even on error
         bar.close()
-        runner.close()
-    if writer.tokens_done == 0:
-        raise CaptureError(f"capture wrote no tokens into {cfg.out}; check --max-tokens and the corpus")
-    return Path(cfg.out)
 
 
 def prefetch(items: Iterator, depth: int = 4) -> Iterator:

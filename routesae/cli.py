@@ -72,17 +72,21 @@ def capture(
     from routesae.capture import capture as run_capture
     from routesae.store import Store
 
-    cfg = CaptureConfig(model=model, corpus=corpus, out=str(out), layers=layers, backend=backend,
-                        max_tokens=max_tokens, ctx=ctx, batch_size=batch_size, dtype=dtype,
-                        router_logits=router_logits, device=device, device_map=device_map, text_field=text_field,
-                        domain_field=domain_field, split=split, packing=packing, shard_mb=shard_mb, seed=seed,
-                        trust_remote_code=trust_remote_code, progress=not quiet, routing_override=routing_override,
-                        gguf_file=gguf_file)
+    if quiet:  # no loading bars either: an error is then the only line
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
+        cfg = CaptureConfig(model=model, corpus=corpus, out=str(out), layers=layers, backend=backend,
+                            max_tokens=max_tokens, ctx=ctx, batch_size=batch_size, dtype=dtype,
+                            router_logits=router_logits, device=device, device_map=device_map, text_field=text_field,
+                            domain_field=domain_field, split=split, packing=packing, shard_mb=shard_mb, seed=seed,
+                            trust_remote_code=trust_remote_code, progress=not quiet, routing_override=routing_override,
+                            gguf_file=gguf_file)
         path = run_capture(cfg)
+        s = Store(path)
     except USER_ERRORS as exc:
         _fail(exc)
-    s = Store(path)
     typer.echo(f"store {path}: {s.n_tokens:,} tokens, layers {s.layers}, {len(s.moe_layers)} MoE layers, "
                f"{len(s.shards)} shard(s)")
 
@@ -337,9 +341,10 @@ def store_info(store: Path = typer.Argument(..., help="Store folder.")) -> None:
     except USER_ERRORS as exc:
         _fail(exc)
     m = s.manifest
-    typer.echo(f"model      {m['model']['name_or_path']} ({m['model']['architecture']})")
-    typer.echo(f"tokens     {s.n_tokens:,} in {len(s.shards)} shard(s); complete: {m['complete']}")
-    typer.echo(f"layers     {s.layers} of {m['n_layers']} (d_model {s.d_model})")
+    model = m.get("model") or {}
+    typer.echo(f"model      {model.get('name_or_path')} ({model.get('architecture')})")
+    typer.echo(f"tokens     {s.n_tokens:,} in {len(s.shards)} shard(s); complete: {m.get('complete')}")
+    typer.echo(f"layers     {s.layers} of {m.get('n_layers')} (d_model {s.d_model})")
     typer.echo(f"moe layers {s.moe_layers} ({m.get('n_experts')} experts, top-{m.get('top_k')})")
 
 

@@ -17,7 +17,12 @@ context and the tail is padded instead. Padding is marked in the attention mask 
 the store. Every token keeps its document id, its position in the document (BOS = 0) and domain.
 
 Lines that are not valid UTF-8 are skipped and counted (``CorpusStats.skipped_lines``); a warning
-says how many.
+says how many, and a corpus with nothing else left is a one-line error.
+
+``corpus_fingerprint`` identifies what a split reads by content (sha256 over the bytes of its
+local files, or a hub dataset's own fingerprint); a capture records it and refuses to resume
+when it changed. ``first_document`` opens a corpus and reads one document, so a wrong path,
+field or an empty corpus fails before anything is written.
 """
 
 from __future__ import annotations
@@ -70,18 +75,80 @@ class CorpusStats:
     domains: dict[str, int] = field(default_factory=dict)
 
 
+FINGERPRINT_PREFIX = "sha256:"
+
+
+def corpus_files(cfg: CorpusConfig) -> list[Path] | None:
+    """The local files that reading ``cfg`` opens (its split's shards), or None for a hub dataset."""
+    p = Path(cfg.path[3:] if cfg.path.startswith("hf:") else cfg.path)
+    if not p.exists():
+        return None
+    if p.is_file():
+        return [p]
+    if not _is_saved_dataset(p):
+        files = _jsonl_files(p, cfg.split)
+        if files:
+            return files
+        if any(d.is_dir() for d in p.iterdir()):
+            return sorted(f for d in p.iterdir() if d.is_dir() for f in d.rglob("*.txt"))
+    return sorted(f for f in p.rglob("*") if f.is_file())  # a save_to_disk folder: all its files
+
+
 def corpus_fingerprint(cfg: CorpusConfig) -> str:
-    """A cheap identity of the corpus input (path, sizes, mtimes of its files)."""
+    """Identity of what reading ``cfg`` sees: ``sha256:`` of the content of every local file its split
+    reads (names, sizes and bytes; cost: one extra read of those files, about 1 s per GB), or of a hub
+    dataset's own ``_fingerprint`` (the spec alone when the dataset cannot be opened)."""
+    h = hashlib.sha256()
+    files = corpus_files(cfg)
+    if files is None:
+        h.update(f"hub:{cfg.path}:{cfg.split}:{_hub_fingerprint(cfg)}".encode())
+    root = Path(cfg.path[3:] if cfg.path.startswith("hf:") else cfg.path)
+    for f in files or []:
+        name = f.relative_to(root) if root.is_dir() else f.name
+        h.update(f"{name}:{f.stat().st_size}\n".encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return FINGERPRINT_PREFIX + h.hexdigest()[:16]
+
+
+def legacy_corpus_fingerprint(cfg: CorpusConfig) -> str:
+    """The fingerprint stores written before content hashing carry (relative paths and sizes only);
+    compared on resume of such a store instead of :func:`corpus_fingerprint`."""
     p = Path(cfg.path)
     h = hashlib.sha256()
     if p.exists():
         files = sorted(x for x in (p.rglob("*") if p.is_dir() else [p]) if x.is_file())
         for f in files:
-            st = f.stat()
-            h.update(f"{f.relative_to(p) if p.is_dir() else f.name}:{st.st_size}".encode())
+            h.update(f"{f.relative_to(p) if p.is_dir() else f.name}:{f.stat().st_size}".encode())
     else:
         h.update(cfg.path.encode())
     return h.hexdigest()[:16]
+
+
+def _hub_fingerprint(cfg: CorpusConfig) -> str | None:
+    spec = cfg.path[3:] if cfg.path.startswith("hf:") else cfg.path
+    try:
+        import datasets
+
+        return datasets.load_dataset(spec, split=cfg.split)._fingerprint
+    except Exception:  # unreachable: reading the corpus says so in one line
+        return None
+
+
+def _is_saved_dataset(p: Path) -> bool:
+    return (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()
+
+
+def first_document(cfg: CorpusConfig) -> Document:
+    """Open the corpus and read its first document (no shuffle): a wrong path, a missing text field
+    or an empty corpus fail here, in one line, before a capture writes anything."""
+    docs = iter_documents(CorpusConfig(cfg.path, cfg.text_field, cfg.domain_field, cfg.split,
+                                       cfg.default_domain, shuffle=False, max_docs=1))
+    try:
+        return next(docs)
+    finally:
+        docs.close()
 
 
 # ---------------------------------------------------------------- reading documents
@@ -182,7 +249,7 @@ def iter_documents(cfg: CorpusConfig, stats: CorpusStats | None = None) -> Itera
             source = _read_jsonl(p, cfg, stats)
         else:
             source = _read_hf(cfg, stats)
-    elif (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists():
+    elif _is_saved_dataset(p):
         source = _read_hf(cfg, stats)
     else:
         files = _jsonl_files(p, cfg.split)
@@ -205,8 +272,11 @@ def iter_documents(cfg: CorpusConfig, stats: CorpusStats | None = None) -> Itera
         n += 1
         if cfg.max_docs is not None and n >= cfg.max_docs:
             break
-    if stats.skipped_lines:
+    if stats.skipped_lines and n:  # with nothing left, the error below says it
         log.warning("skipped %d line(s)/file(s) that are not valid UTF-8 in %s", stats.skipped_lines, cfg.path)
+    if n == 0 and stats.skipped_lines:
+        raise CorpusError(f"corpus '{cfg.path}' has no readable documents: {stats.skipped_lines} line(s)/file(s) "
+                          f"are not valid UTF-8; re-encode it as UTF-8")
     if n == 0:
         raise CorpusError(f"corpus '{cfg.path}' has no non-empty documents; check the path, split and text field")
 
@@ -249,14 +319,19 @@ class ContextBatch:
         return int(self.attention_mask.sum())
 
 
+def check_context_options(ctx: int, packing: str) -> None:
+    """Raise CorpusError for a context length or packing mode that ContextBuilder cannot use."""
+    if ctx < 2:
+        raise CorpusError(f"--ctx {ctx} is too small; use at least 2 (default 256)")
+    if packing not in ("pack", "pad"):
+        raise CorpusError(f"--packing {packing} unknown; use pack or pad")
+
+
 class ContextBuilder:
     """Turns documents into fixed-length contexts; remembers every document's id and domain."""
 
     def __init__(self, tokenizer, ctx: int = 256, packing: str = "pack", tokenize_batch: int = 64):
-        if ctx < 2:
-            raise CorpusError(f"--ctx {ctx} is too small; use at least 2 (default 256)")
-        if packing not in ("pack", "pad"):
-            raise CorpusError(f"packing '{packing}' unknown; use pack or pad")
+        check_context_options(ctx, packing)
         self.tokenizer = tokenizer
         self.ctx = ctx
         self.packing = packing

@@ -11,17 +11,24 @@ Layout of a store folder::
                                      <extra> [tokens, n_moe_layers] float16 (e.g. shared_gate)
     tokens.parquet/part-NNNNN.parquet  token_id, token, doc_id, position, ctx_pos, context, domain, shard, row
 
-Every file is written to a temporary name and renamed; the manifest is rewritten (atomically)
-only after all files of a shard exist, so an interrupted capture leaves a valid store that
-resumes after its last complete shard. Rows within a shard keep corpus order, so the tokens
-around a row are its neighbours in the context.
+Every file is written to a temporary name (``.NAME.tmp-PID``) and renamed; the manifest is
+rewritten (atomically) only after all files of a shard exist, so an interrupted capture leaves a
+valid store that resumes after its last complete shard. Rows within a shard keep corpus order,
+so the tokens around a row are its neighbours in the context.
+
+A writer opens only a new folder, an empty one, or a store made with the same arguments over the
+same corpus (its fingerprint); a store with no tokens yet is replaced. It removes only its own
+leftover temporary names, and never rewrites a manifest it cannot read. A missing or garbled
+file is a one-line StoreError naming it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +36,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from routesae.atomic import atomic_path, atomic_write_json
 from routesae.shard_file import write_chunked_safetensors
+from routesae.store_lock import LOCK_NAME
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -54,6 +62,88 @@ def _shard_name(kind: str, index: int, ext: str = "safetensors") -> str:
     return f"{kind}-{index:05d}.{ext}"
 
 
+def _part_name(index: int) -> str:
+    return f"{TOKENS_DIR}/part-{index:05d}.parquet"
+
+
+# the temporary names atomic_path gives the writer's own files (a user's .notes.tmp-1 is not one)
+_ROOT_TEMP = re.compile(r"\.(?:(?:acts|router)-\d{5}\.safetensors|manifest\.json)\.tmp-\d+")
+_TOKENS_TEMP = re.compile(r"\.part-\d{5}\.parquet\.tmp-\d+")
+
+
+def _leftovers(root: Path) -> list[Path]:
+    """Temporary files an interrupted writer left in ``root`` (exact writer names only)."""
+    found = [p for p in root.iterdir() if _ROOT_TEMP.fullmatch(p.name) and p.is_file()]
+    if (root / TOKENS_DIR).is_dir():
+        found += [p for p in (root / TOKENS_DIR).iterdir() if _TOKENS_TEMP.fullmatch(p.name) and p.is_file()]
+    return found
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def read_manifest(root: str | Path) -> dict:
+    """``root/manifest.json`` as a dict; a one-line StoreError (the file is left as it is) when garbled."""
+    path = Path(root) / MANIFEST
+    try:
+        manifest = json.loads(path.read_bytes())
+    except json.JSONDecodeError as exc:
+        why = f"not valid JSON: {exc.msg} at line {exc.lineno}"
+    except UnicodeDecodeError:
+        why = "not UTF-8 text"
+    except OSError as exc:
+        why = f"unreadable: {exc.strerror}"
+    else:
+        if isinstance(manifest, dict):
+            return manifest
+        why = "not a JSON object"
+    raise StoreError(f"{path} is garbled ({why}); it was left as it is: capture the store again into a new --out")
+
+
+def existing_store(root: str | Path) -> dict | None:
+    """The manifest of the store that writing into ``root`` would continue, or None when ``root`` is
+    missing, empty or holds only a capture's own leftovers (lock file, temporary names). A file, a
+    garbled manifest or a folder of other files is a StoreError; nothing is touched."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"--out {root} is a file, not a folder; pass a new folder, an empty one or a store")
+    if not root.exists():
+        return None
+    if (root / MANIFEST).exists():
+        return read_manifest(root)
+    ours = set(_leftovers(root)) | {root / LOCK_NAME}
+    others = sorted(p.name for p in root.iterdir() if p not in ours and not (
+        p.name == TOKENS_DIR and p.is_dir() and all(q in ours for q in p.iterdir())))
+    if others:
+        more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+        raise StoreError(f"--out {root} is a folder that is not a store (it holds {others[0]}{more}); "
+                         f"choose a new or empty folder")
+    return None
+
+
+def resumable(root: str | Path, old: dict, capture_args: dict, fingerprint: str | None) -> bool:
+    """Whether writing with ``capture_args`` over a corpus with ``fingerprint`` continues the store whose
+    manifest is ``old`` (True), or replaces it because it holds nothing yet (False); a StoreError
+    when continuing would mix two different captures."""
+    if not old.get("shards") and not old.get("tokens"):
+        return False
+    if old.get("format_version") != FORMAT_VERSION:
+        raise StoreError(f"store {root} has format {old.get('format_version')}, this routesae writes "
+                         f"{FORMAT_VERSION}; capture into a new --out")
+    was_args = old.get("capture_args") or {}
+    if was_args != capture_args:
+        diff = sorted(k for k in set(was_args) | set(capture_args) if was_args.get(k) != capture_args.get(k))
+        raise StoreError(f"store {root} was made with different arguments ({', '.join(diff)}); "
+                         f"use a new --out folder, or delete this one to start again")
+    corpus = old.get("corpus") or {}
+    was = corpus.get("fingerprint")
+    if fingerprint and was and was != fingerprint:
+        raise StoreError(f"corpus {corpus.get('path')} changed since this store was captured "
+                         f"(fingerprint {was} -> {fingerprint}); capture into a new --out")
+    return True
+
+
 # ---------------------------------------------------------------- writing
 
 
@@ -61,32 +151,26 @@ class StoreWriter:
     """Writes shards into a store folder and keeps the manifest in step.
 
     ``header`` describes model and layers; ``capture_args`` are the arguments that decide the
-    store's content. Opening a folder that holds a store made with other arguments is refused.
+    store's content. Opening a folder that holds a store made with other arguments or over a
+    changed corpus (``header["corpus"]["fingerprint"]``) is refused, and so is a folder that is
+    not a store (:func:`existing_store`). Writers that may run at the same time hold
+    ``store_lock(root)`` around the writer (capture does).
     """
 
     def __init__(self, root: str | Path, header: dict, capture_args: dict):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / TOKENS_DIR).mkdir(exist_ok=True)
-        for stale in list(self.root.glob(".*.tmp-*")) + list((self.root / TOKENS_DIR).glob(".*.tmp-*")):
-            stale.unlink()
-        path = self.root / MANIFEST
-        if path.exists():
-            old = json.loads(path.read_text())
-            if old.get("capture_args") != capture_args:
-                diff = sorted(k for k in set(old.get("capture_args", {})) | set(capture_args)
-                              if old.get("capture_args", {}).get(k) != capture_args.get(k))
-                raise StoreError(
-                    f"store {self.root} was made with different arguments ({', '.join(diff)}); "
-                    f"use a new --out folder, or delete this one to start again"
-                )
+        old = existing_store(self.root)
+        fingerprint = (header.get("corpus") or {}).get("fingerprint")
+        if old is not None and resumable(self.root, old, capture_args, fingerprint):
             self.manifest = old
-        else:
-            if any(self.root.glob("acts-*.safetensors")):
-                raise StoreError(f"{self.root} holds shards but no manifest.json; use an empty --out folder")
+        else:  # a new folder, or a store without tokens (a failed start) made with any arguments
+            self.root.mkdir(parents=True, exist_ok=True)
             self.manifest = {"format_version": FORMAT_VERSION, **header, "capture_args": capture_args,
                              "tokens": 0, "contexts": 0, "complete": False, "shards": []}
-            atomic_write_json(path, self.manifest)
+            atomic_write_json(self.root / MANIFEST, self.manifest)
+        (self.root / TOKENS_DIR).mkdir(exist_ok=True)
+        for stale in _leftovers(self.root):  # no other writer runs (capture holds store_lock)
+            stale.unlink(missing_ok=True)
 
     @property
     def complete(self) -> bool:
@@ -157,13 +241,18 @@ class Store:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        path = self.root / MANIFEST
-        if not path.exists():
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"{self.root} is a file, not a store folder; pass the folder that "
+                             f"`routesae capture --out` made")
+        if not (self.root / MANIFEST).exists():
             raise StoreError(f"{self.root} is not a store (no manifest.json); create one with `routesae capture`")
-        self.manifest = json.loads(path.read_text())
+        self.manifest = read_manifest(self.root)
         if self.manifest.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"store {self.root} has format {self.manifest.get('format_version')}, "
                              f"this routesae reads {FORMAT_VERSION}; capture it again")
+        lacking = [k for k in ("layers", "d_model", "tokens", "shards") if k not in self.manifest]
+        if lacking:
+            raise StoreError(f"{self.root / MANIFEST} lacks {', '.join(lacking)}; capture the store again")
 
     # -- description
     @property
@@ -193,33 +282,61 @@ class Store:
         return self.layers.index(layer)
 
     # -- whole shards
+    def _file(self, name: str) -> Path:
+        path = self.root / name
+        if not path.is_file():
+            raise StoreError(f"store {self.root} lacks {name} (listed in its manifest); capture the store again")
+        return path
+
+    @contextmanager
+    def _safetensors(self, name: str):
+        path = self._file(name)
+        try:
+            with safe_open(path, framework="pt") as f:
+                yield f
+        except SafetensorError as exc:
+            raise self._damaged(name, exc) from None
+
+    def _damaged(self, name: str, exc: Exception) -> StoreError:
+        return StoreError(f"cannot read store {self.root}: {name} is damaged ({_first_line(exc)}); "
+                          f"capture the store again")
+
     def load_resid(self, shard: int, layer: int | None = None) -> torch.Tensor:
-        with safe_open(self.root / _shard_name("acts", shard), framework="pt") as f:
-            if layer is None:
-                return f.get_tensor("resid")
-            return f.get_slice("resid")[:, self.layer_position(layer)]
+        pos = None if layer is None else self.layer_position(layer)
+        with self._safetensors(_shard_name("acts", shard)) as f:
+            return f.get_tensor("resid") if pos is None else f.get_slice("resid")[:, pos]
 
     def load_router(self, shard: int) -> dict[str, torch.Tensor]:
-        path = self.root / _shard_name("router", shard)
-        if not path.exists():
+        name = _shard_name("router", shard)
+        listed = shard < len(self.shards) and name in self.shards[shard].get("sha256", {})
+        if not listed and not (self.root / name).exists():
             raise StoreError(f"store {self.root} has no router records (a dense model, or captured without them)")
-        with safe_open(path, framework="pt") as f:
+        with self._safetensors(name) as f:
             return {k: f.get_tensor(k) for k in f.keys()}
 
     def tokens(self, columns: list[str] | None = None) -> pd.DataFrame:
         """The token table of the whole store, in shard/row order."""
-        parts = sorted((self.root / TOKENS_DIR).glob("part-*.parquet"))
-        parts = parts[: len(self.shards)]
-        return pd.concat([pd.read_parquet(p, columns=columns) for p in parts], ignore_index=True)
+        frames = []
+        for i in range(len(self.shards)):
+            path = self._file(_part_name(i))
+            try:
+                frames.append(pd.read_parquet(path, columns=columns))
+            except (OSError, ValueError) as exc:
+                raise self._damaged(_part_name(i), exc) from None
+        return pd.concat(frames, ignore_index=True)
 
     def verify(self) -> None:
-        """Re-hash every shard file against the manifest; raise StoreError on the first mismatch."""
+        """Re-hash every shard file against the manifest; raise StoreError on the first mismatch or missing file."""
         for shard in self.shards:
             for name, digest in shard["sha256"].items():
-                data = (self.root / name).read_bytes()
-                if hashlib.sha256(data).hexdigest() != digest:
+                h = hashlib.sha256()
+                with open(self._file(name), "rb") as f:
+                    while chunk := f.read(1 << 22):
+                        h.update(chunk)
+                if h.hexdigest() != digest:
                     raise StoreError(f"{self.root / name} does not match its sha256 in the manifest; "
                                      f"capture the store again")
+            self._file(_part_name(shard["index"]))
 
     # -- shuffled minibatches
     def _groups(self, order: list[int], batch_size: int, buffer_shards: int) -> list[list[int]]:
