@@ -96,11 +96,17 @@ class CaptureConfig:
 
 
 class HFRunner:
-    """Hooks on a Hugging Face model: chosen blocks' outputs and the router adapter's decisions."""
+    """Hooks on a Hugging Face model: chosen blocks' outputs and the router adapter's decisions.
+
+    Under a ``device_map`` the blocks sit on several devices: each hooked residual and each
+    decision's tensors move to the device the inputs go to (:func:`first_device`) as the hook
+    sees them (one move per tensor and batch, none where it is there already), so they stack.
+    """
 
     def __init__(self, model, layers: list[int], want_logits: bool, override: RoutingOverride | None = None):
         self.model = model
         self.layers = layers
+        self.device = first_device(model)
         self.adapter = adapter_for(model)
         self._override = contextlib.ExitStack()
         if override:  # entered for the runner's lifetime; its experts pre-hooks run before capture's
@@ -117,11 +123,15 @@ class HFRunner:
 
     def _resid_hook(self, layer: int):
         def hook(module, args, output):
-            self._resid[layer] = (output[0] if isinstance(output, tuple) else output).detach()
+            self._resid[layer] = (output[0] if isinstance(output, tuple) else output).detach().to(self.device)
         return hook
 
     def _emit(self, layer: int, decision: RoutingDecision) -> None:
-        self._route[layer] = decision
+        d = self.device
+        self._route[layer] = RoutingDecision(
+            decision.indices.to(d), decision.weights.to(d), decision.n_active.to(d),
+            None if decision.logits is None else decision.logits.to(d),
+            {k: v.to(d) for k, v in decision.extra.items()})
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
@@ -207,6 +217,9 @@ def _open(cfg: CaptureConfig, model=None, tokenizer=None):
     if cfg.backend == "tl":
         if resolve_source(cfg.model)[1]:
             raise CaptureError("--backend tl cannot open GGUF checkpoints; use --backend hf")
+        if cfg.device_map:
+            raise CaptureError(f"--device-map {cfg.device_map} works with --backend hf only (TransformerLens puts the "
+                               f"whole model on one --device); drop --device-map or use --backend hf")
         from routesae.models.load import resolve_device
         from routesae.models.tl import load_hooked_transformer
 

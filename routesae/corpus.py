@@ -217,6 +217,11 @@ def _read_hf(cfg: CorpusConfig, stats: CorpusStats) -> Iterator[Document]:
             raise CorpusError(f"cannot read {p}: use .jsonl[.gz], .parquet, .csv or a folder")
         ds = datasets.load_dataset(builder, data_files=str(p), split="train")
     else:
+        from routesae.hub import dataset_unavailable
+
+        problem = dataset_unavailable(spec)  # offline: fail now rather than after ~30 s of hub retries
+        if problem:
+            raise CorpusError(f"corpus '{spec}' is not a local path and {problem}")
         try:
             ds = datasets.load_dataset(spec, split=cfg.split)
         except Exception as exc:  # the hub is unreachable offline; say so in one line

