@@ -107,9 +107,6 @@ def test_hub_model_name_offline_fails_fast(offline, corpus_jsonl, tmp_path):
     assert elapsed < 10, elapsed  # retrying the hub took ~27 s
 
 
-@pytest.mark.xfail(not hasattr(corpus_module, "first_document"), strict=True,
-                   reason="capture opens the corpus after creating the store until corpus.first_document "
-                          "(branch i13-capture) runs first")
 @pytest.mark.parametrize("name", ["hf:foo/bar", "foo"])
 def test_hub_corpus_name_offline_fails_fast(name, offline, tiny_ckpt, tmp_path):
     from transformers.utils import logging as hf_logging
