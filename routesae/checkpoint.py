@@ -11,30 +11,46 @@ floats, strings, lists and dicts (loadable with ``torch.load(weights_only=True)`
     window           the metrics accumulated since the last log line
     train_config     the TrainConfig the run was started with (checked on resume)
 
+    store_identity   :meth:`routesae.store.Store.identity` of the training store (checked on resume)
+
 A checkpoint is written into ``RUN/checkpoint.tmp/``, fsynced, and swapped in with two renames
 (``checkpoint`` -> ``checkpoint.old``, ``checkpoint.tmp`` -> ``checkpoint``); a crash between them
 leaves ``checkpoint.old``, which :func:`find_checkpoint` then uses. A half-written
-``checkpoint.tmp`` is never read. :class:`StopOnSignal` turns SIGINT/SIGTERM into a flag that the
-training loop checks after each step (checkpoint, then stop).
+``checkpoint.tmp`` is never read (the next save replaces it). The demo LM trainer
+(:mod:`routesae.zoo.train_lm`) writes its checkpoints the same way, with ``sae=None`` (its model
+lives inside ``state.pt``).
+
+:func:`load_state` never unpickles objects: ``torch.load(weights_only=True)``, so a crafted
+``state.pt`` is refused with one line instead of running code; :func:`check_state` checks the
+types of the fields a trainer reads. :class:`StopOnSignal` turns SIGINT/SIGTERM into a flag that
+the training loop checks after each step (checkpoint, then stop).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
+import pickle
 import random
 import shutil
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .atomic import atomic_write_text
+
 log = logging.getLogger(__name__)
 CKPT_DIR = "checkpoint"
 STATE_FILE = "state.pt"
+SAE_FILE = "sae.safetensors"
 
 
 def rng_state() -> dict[str, Any]:
@@ -75,13 +91,17 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run: str | Path, sae: torch.nn.Module, state: dict[str, Any]) -> Path:
-    """Write ``RUN/checkpoint`` atomically (see the module docstring); returns its path."""
+def save_checkpoint(run: str | Path, sae: torch.nn.Module | None, state: dict[str, Any]) -> Path:
+    """Write ``RUN/checkpoint`` atomically (see the module docstring); returns its path.
+
+    ``sae``: saved beside ``state.pt`` with ``save_pretrained``; None writes ``state.pt`` only.
+    """
     run = Path(run)
     tmp, final, old = run / f"{CKPT_DIR}.tmp", run / CKPT_DIR, run / f"{CKPT_DIR}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    sae.save_pretrained(tmp)
+    if sae is not None:
+        sae.save_pretrained(tmp)
     torch.save(state, tmp / STATE_FILE)
     _fsync_tree(tmp)
     if final.exists():
@@ -92,25 +112,87 @@ def save_checkpoint(run: str | Path, sae: torch.nn.Module, state: dict[str, Any]
     return final
 
 
-def find_checkpoint(run: str | Path) -> Path | None:
-    """The newest complete checkpoint folder of ``run`` (or None); drops a half-written one."""
+def find_checkpoint(run: str | Path, files: tuple[str, ...] = (STATE_FILE, SAE_FILE)) -> Path | None:
+    """The newest complete checkpoint folder of ``run`` (one holding every name in ``files``), or None.
+
+    Only looks: a half-written ``checkpoint.tmp`` is left for the next save to replace.
+    """
     run = Path(run)
-    shutil.rmtree(run / f"{CKPT_DIR}.tmp", ignore_errors=True)
     for name in (CKPT_DIR, f"{CKPT_DIR}.old"):
         folder = run / name
-        if (folder / STATE_FILE).is_file() and (folder / "sae.safetensors").is_file():
+        if all((folder / f).is_file() for f in files):
             return folder
     return None
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def load_state(folder: str | Path) -> dict[str, Any]:
-    """``state.pt`` of a checkpoint folder, loaded with ``weights_only=True`` on the CPU."""
+    """``state.pt`` of a checkpoint folder, loaded with ``weights_only=True`` on the CPU.
+
+    A file that holds anything but tensors and plain data (a pickled object, which could run
+    code when unpickled) is refused without being run, as is one that is not a dict.
+    """
     path = Path(folder) / STATE_FILE
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"refused to load {path}: it holds pickled Python objects, not only tensors and plain "
+                         f"data (a foreign or old checkpoint; unpickling could run code); start a new --out") from None
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line advice
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot read {path} ({first}); the checkpoint is damaged, start a new --out") from None
+        raise ValueError(f"cannot read {path} ({_first_line(e)}); the checkpoint is damaged, "
+                         f"start a new --out") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a checkpoint dict; start a new --out")
+    return state
+
+
+def check_state(state: dict[str, Any], folder: str | Path, fields: dict[str, type | tuple[type, ...]]) -> None:
+    """One-line ``ValueError`` naming ``state.pt`` and the first of ``fields`` that is missing or mistyped.
+
+    ``int`` fields refuse bools; ``float`` fields also take ints.
+    """
+    path = Path(folder) / STATE_FILE
+    for name, kinds in fields.items():
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        kinds = (*kinds, int) if float in kinds else kinds
+        value = state.get(name)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            want = " or ".join(k.__name__ for k in kinds)
+            raise ValueError(f"{path}: field {name!r} is {type(value).__name__}, not {want}; the checkpoint is "
+                             f"damaged, start a new --out")
+
+
+@contextmanager
+def restoring(folder: str | Path) -> Iterator[None]:
+    """Turn errors while restoring a checkpoint's states (optimiser, RNG, ...) into one line naming it."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+        raise ValueError(f"cannot restore {Path(folder) / STATE_FILE} ({_first_line(e)}); the checkpoint is "
+                         f"damaged or from another run, start a new --out") from None
+
+
+def rewind_log(path: str | Path, step: int) -> None:
+    """Keep the JSON lines of ``path`` whose ``step`` is at most ``step`` (on resume: the rest is written again).
+
+    A line that is not a JSON object with an integer ``step`` (e.g. cut short by a kill) is dropped.
+    """
+    def step_of(line: str) -> float:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            return math.inf
+        ok = isinstance(rec, dict) and isinstance(rec.get("step"), int) and not isinstance(rec["step"], bool)
+        return rec["step"] if ok else math.inf
+
+    path = Path(path)
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and step_of(ln) <= step]
+        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 class StopOnSignal:

@@ -111,7 +111,8 @@ def demo(
 @app.command()
 def train(
     store: Path = typer.Argument(..., help="Store folder made by `routesae capture`."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run folder to create (or continue with --resume)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder to create (new or empty), or to continue "
+                                                   "with --resume."),
     arch: str = typer.Option("routesae", help="routesae, topk (one layer) or mlsae (every token-layer pair)."),
     k: int = typer.Option(32, help="Active latents per token (TopK)."),
     expansion: int = typer.Option(8, help="Latents = expansion x d_model (ignored with --latents)."),

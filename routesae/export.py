@@ -123,17 +123,27 @@ def saelens_weights(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
 def export_saelens(run: str | Path, out_dir: str | Path) -> list[Path]:
     """Write one SAELens folder per layer of the run into ``out_dir``; return the folders.
 
-    Each file is written atomically; existing folders of the same names are overwritten.
+    The run's config.json is type- and range-checked on loading (layers are non-negative ints),
+    each folder name is built from ``int(layer)`` and must resolve inside ``out_dir``; nothing is
+    written before every check passed. Each file is written atomically; existing folders of the
+    same names are overwritten.
     """
     sae = load_sae(run, device="cpu")
     c = sae.cfg
     out = Path(out_dir)
-    weights = st_save(saelens_weights(sae), metadata={"format": "pt"})
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; choose a folder for the export")
+    root = out.resolve()
     folders = []
     for layer in c.layers:
-        folder = out / tl_resid_hook(layer)
+        folder = out / tl_resid_hook(int(layer))
+        if not folder.resolve().is_relative_to(root):
+            raise ValueError(f"layer {layer!r} of {run} would be exported outside {out}; the run's config.json "
+                             f"is damaged")
+        folders.append(folder)
+    weights = st_save(saelens_weights(sae), metadata={"format": "pt"})
+    for layer, folder in zip(c.layers, folders):
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(folder / WEIGHTS_FILE, weights)
         atomic_write_bytes(folder / CFG_FILE, (json.dumps(saelens_config(sae, layer), indent=2) + "\n").encode())
-        folders.append(folder)
     return folders

@@ -404,3 +404,15 @@ class Store:
                                      torch.arange(r.shape[0], dtype=torch.int64)], 1))
         router = {k: torch.cat([x[k] for x in routers]) for k in routers[0]} if with_router else None
         return torch.cat(resids), router, torch.cat(rows)
+
+    def identity(self) -> str:
+        """A content hash of the store: sha256 of its token count, layers and every shard file's sha256.
+
+        It is computed from the manifest only (no shard is read). Being content-based, a store that
+        was moved, renamed or re-captured into the same shards keeps its identity; a store holding
+        other data (other shards, more or fewer tokens, other layers) gets another. Training records
+        it so that ``--resume`` on another store is refused.
+        """
+        spec = {"tokens": self.n_tokens, "layers": self.layers,
+                "shards": [sorted(dict(s["sha256"]).items()) for s in self.shards]}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()

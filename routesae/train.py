@@ -3,7 +3,8 @@
 ``train(TrainConfig(store=..., out=...)) -> RUN``. The run folder::
 
     config.json, sae.safetensors   the SAE (save_pretrained; at every checkpoint and at the end)
-    train_config.json              the TrainConfig, the resolved defaults and a store summary
+    train_config.json              the TrainConfig, the resolved defaults and a store summary (path,
+                                   content identity, model, layers, tokens)
     metrics.jsonl                  one line per log step (see ``_log_record``)
     checkpoint/                    see routesae/checkpoint.py
 
@@ -22,7 +23,13 @@ Resolved defaults (written to ``train_config.json["resolved"]``):
 
 Resume: ``resume=True`` continues from ``RUN/checkpoint`` (step, optimiser, RNG states, dead-latent
 counters, the metrics window); the data cursor is ``start_batch=step`` of the seeded stream, so a
-resumed run equals the uninterrupted one bit for bit on CPU (tests/test_train.py).
+resumed run equals the uninterrupted one bit for bit on CPU (tests/test_train.py), also after a
+``kill -9`` (tests/test_bad_inputs_train.py). Before anything is written, routesae/run_guard.py
+checks ``--out`` (a file, a store or a non-empty folder without a run is refused, a run needs
+``--resume``) and, on resume, the checkpoint (``torch.load(weights_only=True)``, field types, the
+original options) and the store: its content identity (:meth:`Store.identity`, recorded in the
+checkpoint and in ``train_config.json``) must be the one the run was trained on, so a moved or
+renamed copy is accepted and a store with other data is refused.
 
 DDP: under ``torchrun`` (``WORLD_SIZE`` > 1) every rank reads the same global batch of
 ``batch_tokens`` rows and keeps rows ``rank::world_size``; gradients are averaged by
@@ -48,17 +55,16 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from .atomic import atomic_write_text
-from .checkpoint import StopOnSignal, find_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
-from .sae import SAEConfig, SparseAutoencoder, build_sae, load_sae
+from .atomic import atomic_write_json
+from .checkpoint import StopOnSignal, load_state, restoring, rewind_log, rng_state, save_checkpoint, set_rng_state
+from .run_guard import check_out, check_restart, check_resume
+from .sae import SAEConfig, SparseAutoencoder, build_sae
 from .sae.config import ARCHS
 from .schedule import lr_at
 from .store import Store, StoreError
 
 log = logging.getLogger(__name__)
 VERIFY_MAX_BYTES = 2**30
-# TrainConfig fields that do not change the trajectory: they may differ between a run and its resume
-_FREE_ON_RESUME = {"store", "out", "resume", "device", "wandb", "progress", "ckpt_every", "log_every", "verify"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -216,34 +222,6 @@ def _verify(cfg: TrainConfig, store: Store) -> None:
             raise StoreError(f"store {store.root} lacks a shard file ({e.filename}); capture it again") from None
 
 
-def _check_out(out: Path, resume: bool) -> Path | None:
-    """Refuse to overwrite a run; return the checkpoint to resume from (or None)."""
-    ckpt = find_checkpoint(out) if out.exists() else None
-    has_run = (out / "config.json").exists() or ckpt is not None
-    if has_run and not resume:
-        raise ValueError(f"{out} exists; pass --resume to continue or choose another --out")
-    if resume and has_run and ckpt is None:
-        raise ValueError(f"{out} holds an SAE but no checkpoint/ to resume from; choose another --out")
-    return ckpt
-
-
-def _check_resume(cfg: TrainConfig, state: dict, ckpt: Path, store: Store, sae_cfg: SAEConfig) -> SparseAutoencoder:
-    old = state["train_config"]
-    now = asdict(cfg)
-    diff = [k for k in now if k not in _FREE_ON_RESUME and old.get(k) != now[k]]
-    if diff:
-        was = ", ".join(f"{k}={old.get(k)!r}" for k in diff)
-        raise ValueError(f"{cfg.out} was started with {was}; repeat the original options with --resume")
-    saved = SparseAutoencoder.read_config(ckpt)
-    if saved.d_in != store.d_model:
-        raise StoreError(f"the checkpoint in {cfg.out} holds an SAE of width d_in={saved.d_in} but store "
-                         f"{store.root} has d_model={store.d_model}; resume with the store it was trained on")
-    if saved.layers != sae_cfg.layers or saved.n_latents != sae_cfg.n_latents:
-        raise StoreError(f"the checkpoint in {cfg.out} reads layers {saved.layers} with {saved.n_latents} "
-                         f"latents, this store gives {sae_cfg.layers} / {sae_cfg.n_latents}; use the original store")
-    return load_sae(ckpt)
-
-
 def _sync_firing(sae: SparseAutoencoder, dist: _Dist) -> None:
     """Make the dead-latent counter count the global batch: union of firing, sum of examples."""
     def count(val: torch.Tensor, idx: torch.Tensor) -> None:
@@ -271,12 +249,6 @@ def _log_record(step: int, cfg: TrainConfig, lr: float, win: dict, hist: bool, s
             "l0": l0, "dead_frac": sae.dead_mask().float().mean().item(),
             "routed_hist": win["hist"].tolist() if hist else None,
             "tokens_per_s": rows / seconds if seconds > 0 else None}
-
-
-def _rewind_metrics(path: Path, step: int) -> None:
-    if path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 def _batches(store: Store, cfg: TrainConfig, r: dict, start: int):
@@ -323,21 +295,26 @@ def _train(cfg: TrainConfig, dist: _Dist, callback, dev_name: str) -> Path:
     wandb_module = _import_wandb(cfg, main)
     store = Store(cfg.store)
     r = _resolve(cfg, store, dist.world)
-    ckpt = _check_out(out, cfg.resume)
-    _verify(cfg, store)
+    ckpt = check_out(out, cfg.resume)
     sae_cfg = SAEConfig(arch=cfg.arch, d_in=store.d_model, n_latents=r["latents"], k=cfg.k, layers=r["layers"],
                         routing=cfg.routing, pooling=cfg.pooling, router=cfg.router, aux_k=cfg.aux_k,
                         aux_coef=cfg.aux_coef, dead_tokens=r["dead_tokens"],
                         meta={"model": store.manifest.get("model", {}).get("name_or_path"),
                               "store": str(store.root)}).validate()
+    identity = store.identity()
+    state: dict[str, Any] | None = None
+    if ckpt is not None:
+        state = load_state(ckpt)
+        saved_sae = check_resume(cfg, state, ckpt, store, sae_cfg)
+    else:
+        check_restart(cfg, out, store)
+    _verify(cfg, store)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     sae = build_sae(sae_cfg)
-    state: dict[str, Any] | None = None
-    if ckpt is not None:
-        state = load_state(ckpt)
-        sae.load_state_dict(_check_resume(cfg, state, ckpt, store, sae_cfg).state_dict())
+    if state is not None:
+        sae.load_state_dict(saved_sae.state_dict())
     sae.to(device).train()
     if state is None:  # b_pre: geometric median of a separate seeded sample (the training stream is untouched)
         per_row = len(r["layers"]) if cfg.arch == "mlsae" else 1
@@ -349,8 +326,9 @@ def _train(cfg: TrainConfig, dist: _Dist, callback, dev_name: str) -> Path:
     step, total = 0, r["steps"]
     win = _new_window(len(r["layers"]))
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
+        with restoring(ckpt):
+            opt.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"])
         step, win = int(state["step"]), state["window"]
     model: torch.nn.Module = sae
     if dist.world > 1:
@@ -363,9 +341,9 @@ def _train(cfg: TrainConfig, dist: _Dist, callback, dev_name: str) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         if state is None:
             summary = {k: store.manifest.get(k) for k in ("model", "layers", "tokens", "d_model", "n_layers")}
-            (out / "train_config.json").write_text(json.dumps(
-                {**asdict(cfg), "resolved": r, "store_summary": {"path": str(store.root), **summary}}, indent=2) + "\n")
-        _rewind_metrics(out / "metrics.jsonl", step)
+            atomic_write_json(out / "train_config.json", {**asdict(cfg), "resolved": r, "store_summary": {
+                "path": str(store.root), "identity": identity, **summary}})
+        rewind_log(out / "metrics.jsonl", step)
     if step >= total:
         log.info("%s already finished (%d steps)", out, total)
         return out
@@ -375,7 +353,8 @@ def _train(cfg: TrainConfig, dist: _Dist, callback, dev_name: str) -> Path:
             raise TrainingDiverged(f"parameters became non-finite at step {step}; {last_good()}; lower --lr")
         if main:
             save_checkpoint(out, sae, {"step": step, "total_steps": total, "optimizer": opt.state_dict(),
-                                       "rng": rng_state(), "window": win, "train_config": asdict(cfg)})
+                                       "rng": rng_state(), "window": win, "train_config": asdict(cfg),
+                                       "store_identity": identity})
             sae.save_pretrained(out)
         if dist.world > 1:
             tdist.barrier()

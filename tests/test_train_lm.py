@@ -94,7 +94,7 @@ def test_resume_is_bit_exact(corpus, tmp_path):
     part = tmp_path / "part"
     train_lm(_cfg(corpus, part, card=False, stop_after_steps=6))  # last checkpoint at step 4
     assert not (part / "model.safetensors").exists()
-    assert torch.load(part / "checkpoint" / "state.pt", weights_only=False)["step"] == 4
+    assert torch.load(part / "checkpoint" / "state.pt", weights_only=True)["step"] == 4
     train_lm(_cfg(corpus, part, card=False, resume=True))
     a, b = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
     assert a.keys() == b.keys()

@@ -183,11 +183,22 @@ class SparseAutoencoder(nn.Module):
 
     @staticmethod
     def read_config(run_dir: str | Path) -> SAEConfig:
-        """The :class:`SAEConfig` of a run folder (one-line error if missing or invalid)."""
+        """The :class:`SAEConfig` of a run folder, type- and range-checked.
+
+        Raises a one-line ``ValueError`` naming the file (and the field) if it is missing, not
+        JSON, or holds a value of the wrong type or range.
+        """
         path = Path(run_dir) / CONFIG_FILE
         if not path.is_file():
             raise ValueError(f"{path} not found; is {run_dir} an SAE run folder (save_pretrained output)?")
-        return SAEConfig.from_dict(json.loads(path.read_text()))
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read {path} ({e}); the run is damaged, train it again") from None
+        try:
+            return SAEConfig.from_dict(data)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}; the file was edited or damaged, train the run again") from None
 
     @classmethod
     def from_pretrained(cls: type[T], run_dir: str | Path, device: str | torch.device = "cpu") -> T:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -12,6 +13,35 @@ ROUTINGS = ("hard", "soft")
 POOLINGS = ("sum", "mean")
 ROUTERS = ("faithful", "ste")
 FORMAT = "routesae-sae/1"
+_INTS = ("d_in", "n_latents", "k", "aux_k", "dead_tokens")
+_STRS = ("arch", "routing", "pooling", "router")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_types(c: SAEConfig) -> None:
+    """One-line ``ValueError`` naming the first field whose value has the wrong type (JSON may hold anything)."""
+    def bad(name: str, want: str) -> None:
+        value = repr(getattr(c, name))
+        raise ValueError(f"field {name!r} is {value[:60]}, not {want}")
+
+    for name in _STRS:
+        if not isinstance(getattr(c, name), str):
+            bad(name, "a string")
+    for name in _INTS:
+        if not _is_int(getattr(c, name)):
+            bad(name, "an integer")
+    if not (isinstance(c.layers, list) and all(_is_int(x) and x >= 0 for x in c.layers)):
+        bad("layers", "a list of non-negative integers")
+    if isinstance(c.aux_coef, bool) or not isinstance(c.aux_coef, (int, float)) or not math.isfinite(c.aux_coef):
+        bad("aux_coef", "a finite number")
+    for name in ("standardize", "bf16"):
+        if not isinstance(getattr(c, name), bool):
+            bad(name, "true or false")
+    if not isinstance(c.meta, dict):
+        bad("meta", "a JSON object")
 
 
 @dataclass
@@ -59,7 +89,13 @@ class SAEConfig:
         return min(self.aux_k, self.n_latents // 2)
 
     def validate(self) -> SAEConfig:
-        """Raise a one-line ``ValueError`` naming the bad setting and the fix; return self."""
+        """Raise a one-line ``ValueError`` naming the bad setting and the fix; return self.
+
+        Types are checked first (ints are ints and not bools, ``layers`` a list of non-negative
+        ints (non-empty: a value check), ``aux_coef`` finite, ``meta`` a dict), then values and ranges.
+        """
+        _check_types(self)
+
         def one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
@@ -97,7 +133,9 @@ class SAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
-        """Build (and validate) a config from :meth:`to_dict` output; unknown keys are an error."""
+        """Build (and validate: types, then values) a config from :meth:`to_dict` output; unknown keys are an error."""
+        if not isinstance(d, dict):
+            raise ValueError(f"the SAE config is a {type(d).__name__}, not a JSON object")
         d = dict(d)
         fmt = d.pop("format", FORMAT)
         if fmt != FORMAT:

@@ -16,8 +16,14 @@
   bf16 autocast on GPU.
 - ``DIR/train_log.jsonl``: one line per log step (step, tokens, loss, ce, aux, z, lr, tok_s) and per
   evaluation (step, tokens, val: {domain: loss}).
-- ``DIR/checkpoint/state.pt`` (written atomically): model, optimizer, scheduler, step, data
-  cursor (epoch, contexts consumed in it), RNG states. ``resume=True`` continues bit-exactly.
+- ``DIR/checkpoint/state.pt`` (written atomically and fsynced by :func:`routesae.checkpoint.save_checkpoint`):
+  model, optimizer, scheduler, step, data cursor (epoch, contexts consumed in it), RNG states (as
+  tensors), the config; only tensors and plain data, loaded with ``torch.load(weights_only=True)``
+  (a crafted file is refused without running code). ``resume=True`` checks the fields' types and
+  that the options which change the trajectory are the original ones, then continues bit-exactly.
+  Without ``resume``, a DIR holding a checkpoint or a trained model is refused (nothing is
+  overwritten); DIR must not be a file. These checks (:mod:`routesae.zoo.lm_resume`) run before
+  anything is written.
 - At the end: ``save_pretrained(DIR)`` (safetensors) + tokenizer files + ``MODEL_CARD.md`` +
   ``card.json`` (see :mod:`routesae.zoo.model_card`).
 
@@ -38,7 +44,6 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import time
 import types
@@ -50,7 +55,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from routesae.atomic import atomic_write_json
+from routesae.checkpoint import restoring, rewind_log, rng_state, save_checkpoint, set_rng_state
 from routesae.corpus import ContextBuilder, CorpusConfig, iter_documents
+from routesae.zoo.lm_resume import resume_state
 
 log = logging.getLogger(__name__)
 
@@ -315,36 +323,9 @@ def _optimizer(cfg: TrainLMConfig, model):
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / "state.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path / "state.pt")
-
-
 def _append_log(path: Path, rec: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(rec) + "\n")
-
-
-def _trim_log(path: Path, step: int) -> None:
-    """On resume drop log lines written after the checkpoint's step (they will be written again)."""
-    if path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
 
 
 def router_z_loss(router_logits) -> torch.Tensor:
@@ -354,7 +335,7 @@ def router_z_loss(router_logits) -> torch.Tensor:
 def train_lm(cfg: TrainLMConfig) -> Path:
     """Train (or resume) and save the model folder; returns ``Path(cfg.out)``."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    resumed = resume_state(cfg, out)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     if device.type == "cpu":
@@ -371,21 +352,21 @@ def train_lm(cfg: TrainLMConfig) -> Path:
     opt = _optimizer(cfg, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     params = count_params(model)
-    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    log_path, ckpt_dir = out / "train_log.jsonl", out / "checkpoint"
+    log_path = out / "train_log.jsonl"
 
     step, epoch, consumed, elapsed = 0, 0, 0, 0.0
-    if cfg.resume and (ckpt_dir / "state.pt").exists():
-        st = torch.load(ckpt_dir / "state.pt", map_location=device, weights_only=False)
-        if st["total_steps"] != cfg.total_steps or st["tokens_per_step"] != cfg.tokens_per_step:
-            raise ValueError(f"checkpoint in {ckpt_dir} was made with {st['total_steps']} steps of "
-                             f"{st['tokens_per_step']} tokens; resume with the same preset and --max-tokens")
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        step, epoch, consumed, elapsed = st["step"], st["epoch"], st["consumed"], st.get("elapsed", 0.0)
-        _set_rng_state(st["rng"])
-        _trim_log(log_path, step)
+    if resumed is not None:
+        st, ckpt_dir = resumed
+        with restoring(ckpt_dir):
+            model.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+            set_rng_state(st["rng"])
+        step, epoch, consumed, elapsed = st["step"], st["epoch"], st["consumed"], float(st["elapsed"])
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "train_config.json", dataclasses.asdict(cfg))
+    if resumed is not None:
+        rewind_log(log_path, step)
         log.info("resumed from %s at step %d (epoch %d, %d contexts in it)", ckpt_dir, step, epoch, consumed)
     elif log_path.exists():
         log_path.unlink()
@@ -437,9 +418,9 @@ def train_lm(cfg: TrainLMConfig) -> Path:
             _append_log(log_path, rec)
             print(json.dumps(rec), flush=True)
         if step % cfg.ckpt_every == 0 or step == cfg.total_steps:
-            save_checkpoint(ckpt_dir, {
+            save_checkpoint(out, None, {
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "step": step, "epoch": epoch, "consumed": consumed, "elapsed": elapsed, "rng": _rng_state(),
+                "step": step, "epoch": epoch, "consumed": consumed, "elapsed": elapsed, "rng": rng_state(),
                 "total_steps": cfg.total_steps, "tokens_per_step": cfg.tokens_per_step,
                 "config": dataclasses.asdict(cfg)})
         paused += time.time() - t_pause
