@@ -172,7 +172,7 @@ def evaluate(
     routing_override: str | None = typer.Option(None, help=ROUTING_OVERRIDE_HELP),
 ) -> None:
     """Reconstruction metrics (L0, NMSE, explained variance, dead/dense) and, with the model, CE/KL when
-    spliced; writes RUN/eval.json."""
+    spliced; writes RUN/eval.json. A model that does not reproduce the store's rows is refused first."""
     from routesae.evaluate import EvalConfig
     from routesae.evaluate import evaluate as run_eval
 
@@ -186,6 +186,10 @@ def evaluate(
     typer.echo(f"L0 {sae['l0']:.1f}  NMSE {sae['nmse']:.4f}  explained variance {sae['explained_variance']:.4f}  "
                f"dead {sae['dead_fraction']:.3f}")
     sp = res.get("splice") or {}
+    mc = sp.get("model_check") or {}
+    if mc.get("value") is not None:
+        typer.echo(f"model {sp['model']} reproduces the store: median relative row difference {mc['value']:.2g} "
+                   f"<= {mc['tolerance']:g}")
     if "ce_recovered" in sp:
         typer.echo(f"CE clean {sp['ce_clean']:.4f}  spliced {sp['ce_spliced']:.4f}  "
                    f"recovered {sp['ce_recovered']:.3f}  KL/token {sp['kl']:.4f}")

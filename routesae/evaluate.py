@@ -18,6 +18,16 @@
   over every real token. RouteSAE: one pass, block j's output replaced at the tokens routed to j
   (routing from the clean pass); TopK: its layer; MLSAE: one pass per layer (``per_layer``, and
   ``mean`` over layers). Zero-ablation writes zeros at the same tokens and layers.
+
+Before any metric is computed, the model (when there is one to splice into) is checked against
+the store by :mod:`routesae.model_match`: hidden size, block count and vocabulary, then the
+store's first whole contexts run under the store's own routing override must reproduce the
+stored rows of the SAE's layers (relative row difference, median over rows, max over layers, at
+most 0.01 for a float32 store and 0.1 for a float16 / bfloat16 one). A model that fails is
+refused with one line and nothing is written (an existing ``eval.json`` is left as it was);
+what was measured is recorded as ``splice.model_check``. ``splice.clean_vs_store_max_abs_diff``
+is the largest absolute difference of the first splice batch's clean pass (under the evaluation's
+own ``routing_override``) from the stored rows.
 """
 
 from __future__ import annotations
@@ -35,17 +45,12 @@ import torch
 from torch import Tensor
 
 from routesae.atomic import atomic_write_json
+from routesae.model_match import CHECK_CONTEXTS, capture_hook, check_model, forward_logits
 from routesae.models.intervene import override_routing
-from routesae.models.load import (
-    ModelConfig,
-    decoder_layers,
-    first_device,
-    is_local_spec,
-    load_model,
-    resolve_device,
-)
+from routesae.models.load import ModelConfig, first_device, is_local_spec, load_model, resolve_device
 from routesae.sae import SparseAutoencoder, load_sae
-from routesae.store import TOKENS_DIR, Store, StoreError
+from routesae.store import MANIFEST, Store, StoreError
+from routesae.store_contexts import context_batch, store_contexts, stored_rows
 
 log = logging.getLogger(__name__)
 DEFAULT_TOKENS = 100_000
@@ -112,13 +117,20 @@ class _Moments:
 # ---------------------------------------------------------------- store side
 
 
-def _resolve(cfg: EvalConfig) -> tuple[Path, Store]:
+def _resolve(cfg) -> tuple[Path, Store]:
     run = Path(cfg.run)
-    store = cfg.store
-    if store is None and (run / "train_config.json").is_file():
-        store = json.loads((run / "train_config.json").read_text()).get("store")
+    store, recorded = cfg.store, cfg.store is None
+    train_cfg = run / "train_config.json"
+    if store is None and train_cfg.is_file():
+        try:
+            store = json.loads(train_cfg.read_text()).get("store")
+        except (ValueError, AttributeError):
+            raise StoreError(f"{train_cfg} is not a valid training config; pass the store with --store STORE") from None
     if store is None:
         raise StoreError(f"{run} records no store (no train_config.json); pass --store STORE")
+    if recorded and not (Path(store) / MANIFEST).is_file():
+        raise StoreError(f"run {run} was trained on store {store}, which is missing (no {MANIFEST} there); "
+                         f"pass the store with --store STORE")
     return run, Store(store)
 
 
@@ -210,36 +222,6 @@ _RAW_SPACE = {"topk": "raw residual h vs reconstruct() (de-standardised)",
 # ---------------------------------------------------------------- splicing
 
 
-def _contexts(store: Store, n_tokens: int, max_contexts: int | None) -> tuple[list[pd.DataFrame], int]:
-    """Whole store contexts (rows sorted by ctx_pos) within the token budget; also the number skipped."""
-    parts, rows, read_all = [], 0, True
-    for s in store.shards:
-        parts.append(pd.read_parquet(store.root / TOKENS_DIR / f"part-{s['index']:05d}.parquet",
-                                     columns=["token_id", "context", "ctx_pos", "shard", "row"]))
-        rows += len(parts[-1])
-        if rows >= n_tokens + store.manifest.get("ctx", 0):  # one more context than needed, at most
-            read_all = s["index"] == store.shards[-1]["index"]
-            break
-    df = pd.concat(parts, ignore_index=True)
-    cap = store.manifest.get("capture_args", {}).get("max_tokens")
-    cut_last = read_all and cap is not None and store.n_tokens >= cap  # the capture trimmed its last context
-    last = int(df["context"].max())
-    out, used, skipped = [], 0, 0
-    for ctx_id, g in df.groupby("context", sort=True):
-        g = g.sort_values("ctx_pos")
-        complete = np.array_equal(g["ctx_pos"].to_numpy(), np.arange(len(g)))
-        if not complete or (cut_last and ctx_id == last and len(g) < int(store.manifest.get("ctx", 0))):
-            skipped += 1
-            continue
-        if out and used + len(g) > n_tokens:
-            break
-        if max_contexts is not None and len(out) >= max_contexts:
-            break
-        out.append(g)
-        used += len(g)
-    return out, skipped
-
-
 def _replace_hook(index: Tensor, values: Tensor):
     """Forward hook writing ``values [n, d]`` at flat positions ``index`` of a block's ``[B, T, d]`` output."""
     def hook(module, args, output):
@@ -249,22 +231,6 @@ def _replace_hook(index: Tensor, values: Tensor):
         new = new.view_as(hs)
         return (new, *output[1:]) if isinstance(output, tuple) else new
     return hook
-
-
-def _capture_hook(store_to: dict, layer: int):
-    def hook(module, args, output):
-        store_to[layer] = (output[0] if isinstance(output, tuple) else output).detach()
-    return hook
-
-
-def _forward(model, ids: Tensor, mask: Tensor, hooks: dict[int, Any]) -> Tensor:
-    blocks = decoder_layers(model)
-    handles = [blocks[j].register_forward_hook(h) for j, h in hooks.items()]
-    try:
-        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class _SpliceAcc:
@@ -287,10 +253,7 @@ def _ce_sum(logp: Tensor, targets: Tensor, pred: Tensor) -> float:
 def _splice_metrics(sae: SparseAutoencoder, model, store: Store, n_tokens: int, cfg: EvalConfig,
                     device: torch.device) -> dict[str, Any]:
     c, arch = sae.cfg, sae.cfg.arch
-    n_blocks = len(decoder_layers(model))
-    if max(c.layers) >= n_blocks:
-        raise StoreError(f"the SAE reads layers {c.layers} but the model has {n_blocks} blocks; wrong --model?")
-    contexts, skipped = _contexts(store, n_tokens, cfg.splice_contexts)
+    contexts, skipped = store_contexts(store, n_tokens, cfg.splice_contexts)
     if not contexts:
         return {"skipped": "no complete context in the store"}
     ctx = max(len(g) for g in contexts)
@@ -302,17 +265,12 @@ def _splice_metrics(sae: SparseAutoencoder, model, store: Store, n_tokens: int, 
     ce_clean, n_pred, n_real, store_diff = 0.0, 0, 0, 0.0
     for b0 in range(0, len(contexts), per_batch):
         group = contexts[b0:b0 + per_batch]
-        ids = torch.zeros(len(group), ctx, dtype=torch.long)
-        mask = torch.zeros(len(group), ctx, dtype=torch.long)
-        for i, g in enumerate(group):
-            ids[i, :len(g)] = torch.from_numpy(g["token_id"].to_numpy().astype(np.int64))
-            mask[i, :len(g)] = 1
-        ids, mask = ids.to(first_device(model)), mask.to(first_device(model))
+        ids, mask = context_batch(group, first_device(model))
         real = mask.bool()
         pred = real[:, :-1] & real[:, 1:]
         targets = ids[:, 1:]
         acts: dict[int, Tensor] = {}
-        logits = _forward(model, ids, mask, {j: _capture_hook(acts, j) for j in c.layers})
+        logits = forward_logits(model, ids, mask, {j: capture_hook(acts, j) for j in c.layers})
         logp_clean = torch.log_softmax(logits, -1)
         ce_clean += _ce_sum(logp_clean, targets, pred)
         n_pred += int(pred.sum())
@@ -320,8 +278,8 @@ def _splice_metrics(sae: SparseAutoencoder, model, store: Store, n_tokens: int, 
         flat = real.flatten().nonzero().squeeze(-1)
         resid = torch.stack([acts[j].flatten(0, 1)[flat.to(acts[j].device)].to(device) for j in c.layers],
                             1).float()  # [N, L', d] on the SAE's device
-        if b0 == 0:  # the clean pass must reproduce the store's rows
-            store_diff = _store_diff(store, pd.concat(group), c.layers, resid.cpu())
+        if b0 == 0:  # under the evaluation's routing override (the model check ran under the store's)
+            store_diff = float((stored_rows(store, pd.concat(group), c.layers) - resid.cpu()).abs().max())
         if arch == "topk":
             h_hat, _ = sae.reconstruct(resid[:, 0])
             plans = {"all": {c.layers[0]: (flat, h_hat)}}
@@ -333,9 +291,9 @@ def _splice_metrics(sae: SparseAutoencoder, model, store: Store, n_tokens: int, 
             plans = {f"layer_{j}": {j: (flat, h_hat[:, i])} for i, j in enumerate(c.layers)}
         for v, plan in plans.items():
             hooks = {j: _replace_hook(ix, val) for j, (ix, val) in plan.items() if ix.numel()}
-            spliced[v].add(logp_clean, _forward(model, ids, mask, hooks), targets, real, pred)
+            spliced[v].add(logp_clean, forward_logits(model, ids, mask, hooks), targets, real, pred)
             hooks = {j: _replace_hook(ix, torch.zeros_like(val)) for j, (ix, val) in plan.items() if ix.numel()}
-            zeroed[v].add(logp_clean, _forward(model, ids, mask, hooks), targets, real, pred)
+            zeroed[v].add(logp_clean, forward_logits(model, ids, mask, hooks), targets, real, pred)
     if n_pred == 0:
         return {"skipped": "the contexts have no position with a next token"}
     ce_c = ce_clean / n_pred
@@ -362,16 +320,6 @@ def _splice_metrics(sae: SparseAutoencoder, model, store: Store, n_tokens: int, 
     return out
 
 
-def _store_diff(store: Store, group: pd.DataFrame, layers: list[int], resid: Tensor) -> float:
-    """Max |clean-pass activation - stored row| over one batch (0 when the model is the captured one)."""
-    worst = 0.0
-    for shard, g in group.groupby("shard", sort=False):
-        full = torch.stack([store.load_resid(int(shard), j) for j in layers], 1).float()
-        sel = torch.tensor((group["shard"] == shard).to_numpy())
-        worst = max(worst, float((full[torch.tensor(g["row"].to_numpy())] - resid[sel]).abs().max()))
-    return worst
-
-
 # ---------------------------------------------------------------- entry point
 
 
@@ -386,16 +334,48 @@ def load_run(cfg) -> tuple[Path, Store, Any]:
 
     ``cfg`` needs ``run``, ``store`` (None = the run's training store) and ``device``.
     """
+    SparseAutoencoder.read_config(cfg.run)  # not a run folder: one line, before the store is looked for
     run, store = _resolve(cfg)
     sae = load_sae(run, device=resolve_device(cfg.device)).eval()
     c = sae.cfg
+    if store.d_model != c.d_in:
+        raise StoreError(f"store {store.root} has d_model={store.d_model} but the SAE in {run} has d_in={c.d_in} "
+                         f"(a store of another model?); pass the store it was trained on with --store")
     missing = [j for j in c.layers if j not in store.layers]
     if missing:
         raise StoreError(f"the SAE reads layers {c.layers} but store {store.root} lacks {missing}; pass the "
                          f"store it was trained on with --store")
-    if store.d_model != c.d_in:
-        raise StoreError(f"store {store.root} has d_model={store.d_model} but the SAE has d_in={c.d_in}")
     return run, store, sae
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def checked_model(cfg, store: Store, layers: list[int], model=None, dtype: str | None = None,
+                  contexts: int = CHECK_CONTEXTS):
+    """``(model, tokenizer, name, check)``: ``model`` (else ``cfg.model`` or the store's local model, loaded in
+    ``dtype``, default the store's) checked against the store on its first ``contexts`` contexts
+    (:func:`routesae.model_match.check_model`); all None when there is no model."""
+    name, tokenizer = cfg.model or store_model(store), None
+    if model is None and name is None:
+        return None, None, None, None
+    if model is None:
+        with _quiet_loading():  # no progress bar: a refusal that follows stays one line
+            model, tokenizer = load_model(ModelConfig(name, dtype or store.manifest.get("dtype", "float32"),
+                                                      str(resolve_device(cfg.device))))
+    model.eval()
+    name = name or type(model).__name__
+    return model, tokenizer, name, check_model(model, name, store, layers, contexts)
 
 
 def evaluate(cfg: EvalConfig, model=None) -> dict[str, Any]:
@@ -403,6 +383,8 @@ def evaluate(cfg: EvalConfig, model=None) -> dict[str, Any]:
 
     ``model``: an already loaded Hugging Face causal LM to splice into (else ``cfg.model`` or the
     store's model folder is loaded; without either the splice section says why it was skipped).
+    The model is checked against the store (:mod:`routesae.model_match`) before any metric is
+    computed; a model that is not the store's is refused and nothing is written.
     """
     run, store, sae = load_run(cfg)
     device = resolve_device(cfg.device)
@@ -410,26 +392,24 @@ def evaluate(cfg: EvalConfig, model=None) -> dict[str, Any]:
     n_tokens = min(cfg.tokens or DEFAULT_TOKENS, store.n_tokens)
     if n_tokens < 1 or cfg.batch_tokens < 1:
         raise StoreError(f"--tokens {cfg.tokens} and --batch-tokens {cfg.batch_tokens} must be positive")
+    name = check = None
+    if cfg.splice:
+        model, _, name, check = checked_model(cfg, store, c.layers, model)
     result: dict[str, Any] = {
         "run": str(run), "store": str(store.root), "arch": c.arch, "layers": c.layers, "k": c.k,
         "n_latents": c.n_latents, "routing": c.routing if c.arch == "routesae" else None,
         "config": asdict(cfg),
         **_reconstruction_metrics(sae, store, n_tokens, cfg.batch_tokens, device),
     }
-    model_path = cfg.model or store_model(store)
     if not cfg.splice:
         result["splice"] = {"skipped": "splice=False"}
-    elif model is None and model_path is None:
+    elif model is None:
         result["splice"] = {"skipped": f"no model: the store's model "
                                        f"{(store.manifest.get('model') or {}).get('name_or_path')!r} is not a local "
                                        f"folder, GGUF file or package shortcut; pass --model"}
     else:
-        if model is None:
-            model, _ = load_model(ModelConfig(model_path, store.manifest.get("dtype", "float32"), str(device)))
-        model.eval()
         with override_routing(model, cfg.routing_override) if cfg.routing_override else contextlib.nullcontext():
-            result["splice"] = {"model": model_path or type(model).__name__,
-                                "routing_override": cfg.routing_override,
+            result["splice"] = {"model": name, "routing_override": cfg.routing_override, "model_check": check,
                                 **_splice_metrics(sae, model, store, n_tokens, cfg, device)}
     result["definitions"] = DEFINITIONS
     atomic_write_json(run / "eval.json", result)

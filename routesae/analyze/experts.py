@@ -51,7 +51,8 @@ from routesae.analyze.expert_metrics import (
     repetition_pairs,
     switch_aux,
 )
-from routesae.store import TOKENS_DIR, Store, StoreError
+from routesae.store import Store, StoreError
+from routesae.store_contexts import token_part
 
 N_BUCKETS = 9  # positions 0..7 and 8+
 BUCKETS = [str(i) for i in range(8)] + ["8+"]
@@ -343,7 +344,7 @@ def expert_tables(store: Store | str | Path, max_tokens: int | None = None,
             break
         i = shard["index"]
         router = store.load_router(i)
-        tokens = pd.read_parquet(store.root / TOKENS_DIR / f"part-{i:05d}.parquet", columns=cols)
+        tokens = token_part(store, i, cols)
         if max_tokens is not None and done + len(tokens) > max_tokens:
             m = max_tokens - done
             router = {key: v[:m] for key, v in router.items()}

@@ -41,7 +41,8 @@ import torch
 from torch import Tensor
 
 from routesae.analyze.attribution import ExpertAttribution
-from routesae.store import TOKENS_DIR, Store
+from routesae.store import Store
+from routesae.store_contexts import token_part
 
 LOG_LO, LOG_STEPS, N_LOG = -16, 8, 256  # log2 histogram: bins of 1/8 octave from 2^-16 to 2^16
 TOP_TOKENS = 16
@@ -360,7 +361,7 @@ class FeatureStats:
         if self.q > 0 and len(df):  # quantile samples: rank by activation within the bin
             df = df.sort_values(["latent", "kind", "act"], ascending=[True, True, False], kind="stable")
             df["rank"] = df.groupby(["latent", "kind"]).cumcount()
-        meta = [pd.read_parquet(store.root / TOKENS_DIR / f"part-{s:05d}.parquet", columns=["doc_id", "domain"])
+        meta = [token_part(store, s, ["doc_id", "domain"])
                 .iloc[df.loc[df["shard"] == s, "row"].to_numpy()].set_index(df.index[df["shard"] == s])
                 for s in sorted(df["shard"].unique())]
         df = df.join(pd.concat(meta)) if meta else df.assign(doc_id=None, domain=None)
@@ -435,7 +436,7 @@ def store_domains(store: Store, n_tokens: int) -> list[str]:
     """The sorted domain labels of the first ``n_tokens`` store tokens."""
     seen: set[str] = set()
     for s, n in _shard_rows(store, n_tokens):
-        col = pd.read_parquet(store.root / TOKENS_DIR / f"part-{s:05d}.parquet", columns=["domain"])["domain"]
+        col = token_part(store, s, ["domain"])["domain"]
         seen.update(col.iloc[:n].fillna("").astype(str).unique().tolist())
     return sorted(seen)
 
@@ -470,8 +471,7 @@ def iter_chunks(sae, store: Store, n_tokens: int, domains: list[str], batch_toke
                 lays.append(out.routed_layer.cpu())
         row, lat, act, lay = sparse_entries(torch.cat(vals), torch.cat(idxs), n, c.n_latents,
                                             torch.cat(lays) if lays else None)
-        tok = pd.read_parquet(store.root / TOKENS_DIR / f"part-{s:05d}.parquet",
-                              columns=["token_id", "token", "context", "domain"]).iloc[:n]
+        tok = token_part(store, s, ["token_id", "token", "context", "domain"]).iloc[:n]
         dom = tok["domain"].fillna("").astype(str).map(index).fillna(-1).to_numpy(np.int64)
         router = store.load_router(s)["indices"][:n] if store.moe_layers else None
         yield Chunk(s, row, lat, act, lay, torch.tensor(tok["token_id"].to_numpy(np.int64)),

@@ -9,6 +9,11 @@ Example::
 The folder is built as ``RUN/analysis.tmp/`` (every file written atomically) and then swapped in
 with two renames, so a reader never sees a half-written folder; the previous one is kept until
 the swap. Expert tables come from :func:`routesae.analyze.experts.expert_tables` (MoE stores only).
+
+The logit lens's model (loaded in float32) is first checked against the store by
+:mod:`routesae.model_match` (hidden size, blocks, vocabulary; then one whole store context must
+reproduce the stored rows of the SAE's layers): a model that is not the store's is refused with
+one line before anything is written; the measurement is kept in ``summary.json`` (``model_check``).
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ import pandas as pd
 
 from routesae.analyze.features import FEATURE_COUNT, feature_tables
 from routesae.atomic import atomic_path, atomic_write_json
-from routesae.evaluate import load_run, store_model
-from routesae.models.load import ModelConfig, load_model, resolve_device
+from routesae.evaluate import checked_model, load_run, store_model
+from routesae.models.load import resolve_device
 from routesae.store import StoreError
 
 log = logging.getLogger(__name__)
@@ -83,12 +88,13 @@ def analyze(cfg: AnalyzeConfig, model=None, tokenizer=None) -> Path:
     n_tokens = min(cfg.tokens or DEFAULT_TOKENS, store.n_tokens)
     if n_tokens < 1 or cfg.batch_tokens < 1 or cfg.top_contexts < 1 or cfg.quantile_bins < 1 or cfg.hist_bins < 1:
         raise StoreError("--tokens, --batch-tokens, --top-contexts, --quantile-bins and --hist-bins must be positive")
-    model_path = cfg.model or store_model(store)
-    if cfg.with_model and model is None and model_path is not None:
-        model, tok = load_model(ModelConfig(model_path, "float32", str(device)))
+    check = None
+    if cfg.with_model:  # the logit lens's model, checked against the store on its first context
+        model, tok, _, check = checked_model(cfg, store, c.layers, model, dtype="float32", contexts=1)
         tokenizer = tokenizer or tok
-    if not cfg.with_model:
+    else:
         model = None
+    model_path = (cfg.model or store_model(store)) if model is not None else None
     tables = feature_tables(sae, store, model=model, tokenizer=tokenizer, max_tokens=n_tokens,
                             batch_tokens=cfg.batch_tokens, top_contexts=cfg.top_contexts, window=cfg.window,
                             quantile_bins=cfg.quantile_bins, quantile_samples=cfg.quantile_samples,
@@ -103,7 +109,7 @@ def analyze(cfg: AnalyzeConfig, model=None, tokenizer=None) -> Path:
     manifest = store.manifest
     eval_path = run / "eval.json"
     summary: dict[str, Any] = {
-        "run": str(run), "store": str(store.root), "model": model_path if model is not None else None,
+        "run": str(run), "store": str(store.root), "model": model_path, "model_check": check,
         "arch": c.arch, "layers": c.layers, "moe_layers": store.moe_layers, "n_experts": manifest.get("n_experts"),
         "top_k": manifest.get("top_k"), "tokens": int(fc_row["tokens"]), "n_latents": c.n_latents,
         "dead_latents": int((lat["count"] == 0).sum()), "dense_latents": int((lat["density"] > DENSE).sum()),
