@@ -327,13 +327,15 @@ def dashboard(
     host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1 keeps it on this machine)."),
     model: str | None = typer.Option(None, help="Model for the token explorer (default: the run's model)."),
 ) -> None:
-    """Browse features, experts and tokens in the Streamlit dashboard."""
+    """Browse features, experts and tokens in the Streamlit dashboard (SIGTERM/Ctrl+C stop it and free the port)."""
     from routesae.dashboard import launch
 
     try:
-        launch(str(run), port=port, host=host, model=model)
+        rc = launch(str(run), port=port, host=host, model=model)
     except USER_ERRORS as exc:
         _fail(exc)
+    if rc:
+        raise typer.Exit(code=rc)
 
 
 @store_app.command("info")

@@ -66,16 +66,17 @@ def test_launcher_command_and_errors(tmp_path, monkeypatch):
     assert cmd[cmd.index("--server.port") + 1] == "8600"
     assert cmd[cmd.index("--server.headless") + 1] == "true"
     assert cmd[cmd.index("--browser.gatherUsageStats") + 1] == "false"
+    assert cmd[cmd.index("--client.disableDataExport") + 1] == "true"  # no raw-text CSV from st.dataframe
     with pytest.raises(dashboard.DashboardError, match="routesae analyze"):
         dashboard.launch(tmp_path / "nope")
     run = make_analysis(tmp_path)
     seen = {}
 
-    def fake_call(cmd, env):
+    def fake_supervise(cmd, env):
         seen.update(cmd=cmd, env=env)
         return 0
 
-    monkeypatch.setattr(dashboard.subprocess, "call", fake_call)
+    monkeypatch.setattr(dashboard, "supervise", fake_supervise)
     assert dashboard.launch(run, port=8777, host="0.0.0.0", model="/m") == 0
     assert seen["env"][dashboard.RUN_ENV] == str(run.resolve()) and seen["env"][dashboard.MODEL_ENV] == "/m"
     assert seen["cmd"][seen["cmd"].index("--server.address") + 1] == "0.0.0.0"

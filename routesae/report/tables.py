@@ -3,12 +3,24 @@
 CSV: one file per analysis table, list cells as JSON strings (``read_csv_table`` reverses it);
 Parquet: byte copies of the analysis files. ``summary.json`` holds metrics, counts, per-layer
 statistics, the top experts per domain, flagged experts and the report's top features.
+
+Formula injection: corpus text reaches the CSV copies, and a spreadsheet runs a cell that starts
+with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return as a formula (OWASP "CSV injection").
+Every CSV the package writes (the report's ``tables/*.csv``, the dashboard's ``tables.zip``) goes
+through :func:`write_csv`, which puts a single quote ``'`` in front of such *string* cells (and
+header names). A string made of quotes followed by one of those characters (``'=x``) gets one quote
+more, so the rule is reversible: :func:`read_csv_table` removes one leading quote from every string
+cell that is one or more quotes followed by one of those characters, and round trips stay exact.
+Numbers (negative ones included) are never touched; list cells start with ``[`` and need nothing.
+Parquet, ``summary.json`` and the Neuronpedia batches keep the raw text. Lines end in CRLF (RFC 4180),
+so a cell holding a carriage return is quoted and stays one cell.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +32,9 @@ from routesae.report import facts
 from routesae.report.load import Analysis, as_list, records, scalar, top_features
 
 SUMMARY_FORMAT = "routesae-report-summary/1"
+# a cell a spreadsheet would evaluate, after any quotes a previous escape added (OWASP CSV injection)
+_FORMULA = re.compile(r"'*[=+\-@\t\r]")
+_ESCAPED = re.compile(r"'+[=+\-@\t\r]")
 
 
 def _is_list(v: Any) -> bool:
@@ -49,9 +64,41 @@ def csv_frame(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def _texty(col: pd.Series) -> bool:
+    """A column that may hold strings (object, or pandas' string dtypes)."""
+    return col.dtype == object or pd.api.types.is_string_dtype(col.dtype)
+
+
+def csv_safe(v: Any) -> Any:
+    """A string a spreadsheet would run as a formula, prefixed with ``'``; anything else unchanged."""
+    return "'" + v if isinstance(v, str) and _FORMULA.match(v) else v
+
+
+def csv_unescape(v: Any) -> Any:
+    """Undo :func:`csv_safe`."""
+    return v[1:] if isinstance(v, str) and _ESCAPED.match(v) else v
+
+
+def write_csv(df: pd.DataFrame, path: str | Path) -> None:
+    """Write ``df`` as CSV atomically: list cells as JSON, formula-like strings quoted (module docstring).
+
+    The one CSV writer of the package; ``read_csv_table`` reads it back exactly."""
+    df = csv_frame(df).copy()
+    for c in df.columns:
+        if _texty(df[c]):
+            df[c] = df[c].map(csv_safe)
+    df.columns = [csv_safe(c) for c in df.columns]
+    with atomic_path(path) as tmp:  # CRLF (RFC 4180): the csv module then quotes cells holding a bare \r too
+        df.to_csv(tmp, index=False, lineterminator="\r\n")
+
+
 def read_csv_table(path: str | Path, list_cols: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
-    """Read a CSV copy back, parsing the JSON list columns named in ``list_cols``."""
+    """Read a CSV copy back: the formula quoting undone, the JSON list columns in ``list_cols`` parsed."""
     df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    df.columns = [csv_unescape(c) for c in df.columns]
+    for c in df.columns:
+        if _texty(df[c]):
+            df[c] = df[c].map(csv_unescape)
     for c in list_cols:
         if c in df:
             df[c] = [json.loads(v) if isinstance(v, str) else [] for v in df[c]]
@@ -64,8 +111,7 @@ def write_tables(a: Analysis, out: Path, formats: tuple[str, ...] = ("csv", "par
     for name, df in a.tables.items():
         if "csv" in formats:
             p = out / f"{name}.csv"
-            with atomic_path(p) as tmp:
-                csv_frame(df).to_csv(tmp, index=False)
+            write_csv(df, p)
             paths[f"tables/{name}.csv"] = p
         if "parquet" in formats:
             p = out / f"{name}.parquet"
