@@ -219,4 +219,4 @@ def test_missing_activation_shard(command, store, tmp_path):
     run = _run(tmp_path, store, record_store=False)
     _with_old_eval(run)
     _refused([command, str(run), "--store", str(copy), "--device", "cpu", "--no-splice" if command == "evaluate"
-              else "--no-model"], run, copy, words=(str(gone),))
+              else "--no-model"], run, copy, words=(gone.name, "capture the store again"))
