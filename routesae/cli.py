@@ -376,13 +376,16 @@ def zoo_train_lm(
     tokenizer: str | None = typer.Option(None, help="Tokenizer folder (default: data/demo-moe)."),
     max_tokens: int | None = typer.Option(None, help="Training token budget (overrides the preset)."),
     device: str | None = typer.Option(None, help="cpu, cuda or auto."),
+    balance: str | None = typer.Option(None, help="Load-balancing loss: per_layer (default; each MoE layer balanced, "
+                                                  "summed over layers) or pooled (transformers' form: all layers' "
+                                                  "router outputs pooled first; lets single layers collapse)."),
 ) -> None:
     """Train the small OLMoE the project ships as its demo model (data/demo-moe)."""
     from routesae.zoo.train_lm import preset_config, train_lm
 
     try:
         path = train_lm(preset_config(preset, corpus, str(out), resume=resume, tokenizer=tokenizer,
-                                      max_tokens=max_tokens, device=device))
+                                      max_tokens=max_tokens, device=device, balance=balance))
     except USER_ERRORS as exc:
         _fail(exc)
     typer.echo(f"model saved in {path} (model card: {path / 'MODEL_CARD.md'})")

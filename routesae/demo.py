@@ -49,6 +49,7 @@ def run_demo(cfg: DemoConfig, log=print) -> Path:
     """Run every stage (reusing finished ones) and return the report folder."""
     from routesae.analyze import AnalyzeConfig, analyze
     from routesae.capture import CaptureConfig, capture
+    from routesae.checkpoint import find_checkpoint
     from routesae.evaluate import EvalConfig, evaluate
     from routesae.report import ReportConfig, build_report
     from routesae.train import TrainConfig, train
@@ -71,9 +72,11 @@ def run_demo(cfg: DemoConfig, log=print) -> Path:
     runs = {"routesae": root / "routesae", "topk": root / "topk"}
     for arch, run in runs.items():
         if not (run / "sae.safetensors").exists() or not (run / "train_config.json").exists():
-            stage(f"train {arch} ({n['latents']} latents, k=32, {n['train']:,} tokens) -> {run}")
+            resume = find_checkpoint(run) is not None  # an interrupted run continues where it stopped
+            stage(f"{'resume' if resume else 'train'} {arch} ({n['latents']} latents, k=32, {n['train']:,} tokens) "
+                  f"-> {run}")
             train(TrainConfig(store=str(store), out=str(run), arch=arch, latents=n["latents"], k=32,
-                              tokens=n["train"], device=cfg.device, progress=False))
+                              tokens=n["train"], device=cfg.device, progress=False, resume=resume))
         if not (run / "eval.json").exists():
             stage(f"evaluate {arch} (reconstruction and CE/KL spliced into the model)")
             evaluate(EvalConfig(run=str(run), tokens=n["eval"], device=cfg.device))

@@ -113,3 +113,29 @@ def test_card_regenerates_from_saved_folder(corpus, tmp_path):
     for d in DOMAINS:
         assert after["val"][d]["loss"] == pytest.approx(before["val"][d]["loss"], abs=1e-3)
     assert after["routing"]["per_layer"]["0"]["code"]["top3"] == before["routing"]["per_layer"]["0"]["code"]["top3"]
+
+
+def test_balance_loss_per_layer_and_pooled_by_hand():
+    """Two layers, E=2, k=1: layer 0 sends every token to expert 0, layer 1 to expert 1.
+
+    Per layer, f = (1, 0) and P ~ (1, 0): E * sum f P = 2 per layer, 4 summed (1 = balanced, per layer).
+    Pooled, the rows of both layers together give f = P ~ (1/2, 1/2): 2 * (1/4 + 1/4) = 1, "balanced",
+    although each layer uses a single expert: the pooled form cannot see per-layer collapse.
+    """
+    from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
+
+    from routesae.zoo.train_lm import switch_balance_loss
+
+    a = torch.tensor([[10.0, -10.0]] * 3)
+    layers = [a, a.flip(1)]
+    p = torch.sigmoid(torch.tensor(20.0)).item()  # softmax([10, -10])[0]
+    assert switch_balance_loss(layers, 1, "per_layer").item() == pytest.approx(2 * (2 * 1 * p), rel=1e-6)
+    assert switch_balance_loss(layers, 1, "pooled").item() == pytest.approx(2 * (0.5 * 0.5 + 0.5 * 0.5), rel=1e-6)
+    # transformers' own function is the pooled form; per layer = its value on each layer, summed
+    torch.manual_seed(0)
+    rl = [torch.randn(40, 8) for _ in range(3)]
+    assert switch_balance_loss(rl, 2, "pooled").item() == pytest.approx(load_balancing_loss_func(tuple(rl), 8, 2).item())
+    assert switch_balance_loss(rl, 2, "per_layer").item() == pytest.approx(
+        sum(load_balancing_loss_func((r,), 8, 2).item() for r in rl))
+    with pytest.raises(ValueError, match="balance 'layers' unknown"):
+        switch_balance_loss(rl, 2, "layers")

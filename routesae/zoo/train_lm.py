@@ -8,10 +8,12 @@
   on; a new epoch reshuffles the documents (seed + epoch). Validation: a fixed slice of up to
   ``val_contexts_per_domain`` contexts per domain from ``split="val"``; each target token's loss
   is attributed to its own document's domain (BOS targets are left out).
-- Loss: cross-entropy + ``aux_loss_coef`` x the Switch load-balancing loss that transformers
-  computes for OLMoE (``output_router_logits=True``; about ``top_k`` when balanced) +
-  ``z_loss_coef`` x router z-loss (mean over layers and tokens of ``logsumexp(router_logits)^2``;
-  transformers' OLMoE has no z-loss, so it is added here).
+- Loss: cross-entropy + ``aux_loss_coef`` x the Switch load-balancing loss
+  (:func:`switch_balance_loss`; ``balance="per_layer"``, the default, balances each MoE layer and
+  sums over layers as OLMoE and Mixtral training do; ``balance="pooled"`` is transformers'
+  ``load_balancing_loss_func``, which pools all layers' router outputs first and so balances
+  expert index i across layers, not each layer) + ``z_loss_coef`` x router z-loss (mean over
+  layers and tokens of ``logsumexp(router_logits)^2``; transformers' OLMoE has no z-loss).
 - AdamW, linear warm-up then cosine decay to ``min_lr_ratio`` x lr, gradient clipping;
   bf16 autocast on GPU.
 - ``DIR/train_log.jsonl``: one line per log step (step, tokens, loss, ce, aux, z, lr, tok_s) and per
@@ -92,6 +94,7 @@ class TrainLMConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     aux_loss_coef: float = 0.01
+    balance: str = "per_layer"  # per_layer (sum over layers of each layer's Switch loss) | pooled (transformers')
     z_loss_coef: float = 0.001
     init_std: float = 0.02
     # bookkeeping
@@ -119,9 +122,10 @@ class TrainLMConfig:
 
 
 PRESETS: dict[str, dict] = {
-    # CPU demo: 8 layers, d 192, 32 experts top-4 of 64 hidden units each; ~13.8M parameters with
-    # vocab 8192 (untied); 10M tokens.
-    "demo": {},
+    # CPU demo (the shipped data/demo-moe, v2): 8 layers, d 192, 32 experts top-4 of 64 hidden units
+    # each; ~13.8M parameters with vocab 8192 (untied); 14M tokens, per-layer balancing (v1: 10M tokens,
+    # lr 1.5e-3, pooled balancing).
+    "demo": dict(max_tokens=14_000_000, lr=2e-3),
     # for tests: runs in seconds
     "tiny": dict(n_layers=2, d_model=32, n_heads=2, n_experts=8, top_k=2, intermediate_size=16, ctx=32,
                  batch_size=4, max_tokens=4 * 32 * 16, lr=1e-2, warmup_steps=2, log_every=2, ckpt_every=4,
@@ -328,6 +332,34 @@ def _append_log(path: Path, rec: dict) -> None:
         f.write(json.dumps(rec) + "\n")
 
 
+BALANCE_FORMS = ("per_layer", "pooled")
+
+
+def switch_balance_loss(router_logits, top_k: int, form: str = "per_layer") -> torch.Tensor:
+    """Switch load-balancing loss over MoE layers (each ``[tokens, E]`` router logits; ``top_k`` when balanced).
+
+    For one set of tokens T: ``E * sum_i f_i * P_i`` with ``f_i`` = (top-k slots given to expert i) /
+    (|T| k) x k and ``P_i`` = mean over T of softmax(logits)_i (transformers' convention: ``f`` summed
+    over the k slots, so a balanced router gives ``E * k * (1/E) * (1/E) * E = k``).
+    ``per_layer``: ``sum_l loss(T_l)`` over the layers l (each layer balanced on its own; the value is
+    ``L * k`` when every layer is balanced). ``pooled``: ``loss(T_1 + ... + T_L)``, the rows of all
+    layers stacked first (transformers' ``load_balancing_loss_func``; a layer may starve expert i as
+    long as another layer overloads it).
+    """
+    if form not in BALANCE_FORMS:
+        raise ValueError(f"balance '{form}' unknown; use one of {', '.join(BALANCE_FORMS)}")
+
+    def one(logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits.float(), dim=-1)
+        chosen = torch.topk(probs, top_k, dim=-1).indices
+        f = torch.zeros_like(probs).scatter_add_(1, chosen, torch.ones_like(chosen, dtype=probs.dtype))
+        return logits.shape[-1] * (f.mean(0) * probs.mean(0)).sum()
+
+    if form == "pooled":
+        return one(torch.cat(list(router_logits)))
+    return torch.stack([one(r) for r in router_logits]).sum()
+
+
 def router_z_loss(router_logits) -> torch.Tensor:
     return torch.stack([torch.logsumexp(r.float(), dim=-1).pow(2).mean() for r in router_logits]).mean()
 
@@ -385,9 +417,11 @@ def train_lm(cfg: TrainLMConfig) -> Path:
         epoch, consumed, batch = next(data)
         ids = torch.from_numpy(batch).to(device)
         with autocast():
-            o = model(input_ids=ids, labels=ids, output_router_logits=True)
+            o = model(input_ids=ids, output_router_logits=True)
+            ce_t = F.cross_entropy(o.logits[:, :-1].float().reshape(-1, o.logits.shape[-1]), ids[:, 1:].reshape(-1))
+            aux_t = switch_balance_loss(o.router_logits, cfg.top_k, cfg.balance)
             z = router_z_loss(o.router_logits)
-            loss = o.loss + cfg.z_loss_coef * z
+            loss = ce_t + cfg.aux_loss_coef * aux_t + cfg.z_loss_coef * z
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
@@ -395,8 +429,8 @@ def train_lm(cfg: TrainLMConfig) -> Path:
         sched.step()
         step += 1
         tok_win += ids.numel()
-        aux = o.aux_loss.item()
-        ce = o.loss.item() - cfg.aux_loss_coef * aux
+        ce = ce_t.item()
+        aux = aux_t.item() / (cfg.n_layers if cfg.balance == "per_layer" else 1)  # logged per layer: top_k = balanced
         for k, v in (("loss", loss.item()), ("ce", ce), ("aux", aux), ("z", z.item())):
             win[k] += v
         win["n"] += 1
@@ -455,6 +489,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--d-model", type=int, default=None)
     ap.add_argument("--intermediate-size", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--balance", default=None, choices=BALANCE_FORMS)
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--experts-impl", default=None)
@@ -462,7 +497,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = preset_config(a.preset, a.corpus, a.out, resume=a.resume, tokenizer=a.tokenizer, max_tokens=a.max_tokens,
-                        batch_size=a.batch_size, d_model=a.d_model, intermediate_size=a.intermediate_size, lr=a.lr,
+                        batch_size=a.batch_size, d_model=a.d_model, intermediate_size=a.intermediate_size, lr=a.lr, balance=a.balance,
                         device=a.device, threads=a.threads, experts_impl=a.experts_impl,
                         stop_after_steps=a.stop_after_steps)
     train_lm(cfg)
