@@ -134,7 +134,8 @@ def test_balance_loss_per_layer_and_pooled_by_hand():
     # transformers' own function is the pooled form; per layer = its value on each layer, summed
     torch.manual_seed(0)
     rl = [torch.randn(40, 8) for _ in range(3)]
-    assert switch_balance_loss(rl, 2, "pooled").item() == pytest.approx(load_balancing_loss_func(tuple(rl), 8, 2).item())
+    pooled = load_balancing_loss_func(tuple(rl), 8, 2).item()
+    assert switch_balance_loss(rl, 2, "pooled").item() == pytest.approx(pooled)
     assert switch_balance_loss(rl, 2, "per_layer").item() == pytest.approx(
         sum(load_balancing_loss_func((r,), 8, 2).item() for r in rl))
     with pytest.raises(ValueError, match="balance 'layers' unknown"):

@@ -497,7 +497,8 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = preset_config(a.preset, a.corpus, a.out, resume=a.resume, tokenizer=a.tokenizer, max_tokens=a.max_tokens,
-                        batch_size=a.batch_size, d_model=a.d_model, intermediate_size=a.intermediate_size, lr=a.lr, balance=a.balance,
+                        batch_size=a.batch_size, d_model=a.d_model, intermediate_size=a.intermediate_size, lr=a.lr,
+                        balance=a.balance,
                         device=a.device, threads=a.threads, experts_impl=a.experts_impl,
                         stop_after_steps=a.stop_after_steps)
     train_lm(cfg)
