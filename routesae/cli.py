@@ -190,6 +190,8 @@ def evaluate(
     if mc.get("value") is not None:
         typer.echo(f"model {sp['model']} reproduces the store: median relative row difference {mc['value']:.2g} "
                    f"<= {mc['tolerance']:g}")
+    if "skipped" in sp:
+        typer.echo(f"no splice: {sp['skipped']}")
     if "ce_recovered" in sp:
         typer.echo(f"CE clean {sp['ce_clean']:.4f}  spliced {sp['ce_spliced']:.4f}  "
                    f"recovered {sp['ce_recovered']:.3f}  KL/token {sp['kl']:.4f}")
