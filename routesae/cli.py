@@ -190,6 +190,8 @@ def evaluate(
     if mc.get("value") is not None:
         typer.echo(f"model {sp['model']} reproduces the store: median relative row difference {mc['value']:.2g} "
                    f"<= {mc['tolerance']:g}")
+    if "skipped" in sp:
+        typer.echo(f"no splice: {sp['skipped']}")
     if "ce_recovered" in sp:
         typer.echo(f"CE clean {sp['ce_clean']:.4f}  spliced {sp['ce_spliced']:.4f}  "
                    f"recovered {sp['ce_recovered']:.3f}  KL/token {sp['kl']:.4f}")
@@ -201,18 +203,30 @@ def export(
     run: Path = typer.Argument(..., help="Run folder made by `routesae train`."),
     to: str = typer.Option("saelens", help="Export format: saelens."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the export (one sub-folder per layer)."),
+    router_weight: float | None = typer.Option(None, help="RouteSAE (hard routing): the router weight p folded into "
+                                                          "every folder (default: each layer's mean p_i* measured "
+                                                          "on the store)."),
+    store: Path | None = typer.Option(None, help="RouteSAE: store to measure the router weights on (default: the "
+                                                 "run's training store)."),
 ) -> None:
-    """Export a trained SAE for other tools (SAELens: one folder per routed layer)."""
+    """Export a trained SAE for other tools. SAELens: one folder per layer plus README.md; each folder takes raw
+    blocks.J.hook_resid_post activations (routesae's per-token standardisation is folded into SAELens's
+    layer_norm) and reproduces routesae's splice at layer J. RouteSAE: SAELens cannot route, so folder J
+    reproduces the splice of the tokens routed to J whose router weight p_i* equals the weight folded into it
+    (printed, and in README.md); soft-routing runs reproduce no splice."""
     from routesae.export import export_saelens
 
     if to != "saelens":
         _fail(ValueError(f"--to {to} unknown; use saelens"))
     try:
-        paths = export_saelens(run, out)
+        res = export_saelens(run, out, router_weight=router_weight, store=str(store) if store else None)
     except USER_ERRORS as exc:
         _fail(exc)
-    for p in paths:
+    for p in res.folders:
         typer.echo(f"wrote {p}")
+    typer.echo(f"wrote {res.readme}")
+    for note in res.notes:
+        typer.echo(f"note: {note}")
 
 
 @app.command()

@@ -18,6 +18,9 @@
   over every real token. RouteSAE: one pass, block j's output replaced at the tokens routed to j
   (routing from the clean pass); TopK: its layer; MLSAE: one pass per layer (``per_layer``, and
   ``mean`` over layers). Zero-ablation writes zeros at the same tokens and layers.
+- RouteSAE with soft routing: the SAE reads the mixture ``sum_i p_i x_i``, no layer's activation, so
+  its reconstruction has no layer to be spliced into or compared with: ``splice``, ``raw_space`` and
+  the per-layer ``raw_space`` hold ``{"skipped": SOFT_ROUTING}`` instead (the model is not loaded).
 
 Before any metric is computed, the model (when there is one to splice into) is checked against
 the store by :mod:`routesae.model_match`: hidden size, block count and vocabulary, then the
@@ -55,6 +58,9 @@ from routesae.store_contexts import context_batch, store_contexts, stored_rows
 log = logging.getLogger(__name__)
 DEFAULT_TOKENS = 100_000
 LOGIT_BUDGET = 2**26  # at most this many float32 logits per splice batch (256 MiB)
+SOFT_ROUTING = ("soft routing: the SAE reads the mixture sum_i p_i x_i of all routed layers, which is no layer's "
+                "activation, so there is nothing to splice it into or compare it with in raw space; train with "
+                "--routing hard for CE/KL and raw-space metrics")
 
 
 @dataclass
@@ -393,7 +399,8 @@ def evaluate(cfg: EvalConfig, model=None) -> dict[str, Any]:
     if n_tokens < 1 or cfg.batch_tokens < 1:
         raise StoreError(f"--tokens {cfg.tokens} and --batch-tokens {cfg.batch_tokens} must be positive")
     name = check = None
-    if cfg.splice:
+    soft = c.arch == "routesae" and c.routing == "soft"
+    if cfg.splice and not soft:
         model, _, name, check = checked_model(cfg, store, c.layers, model)
     result: dict[str, Any] = {
         "run": str(run), "store": str(store.root), "arch": c.arch, "layers": c.layers, "k": c.k,
@@ -401,7 +408,12 @@ def evaluate(cfg: EvalConfig, model=None) -> dict[str, Any]:
         "config": asdict(cfg),
         **_reconstruction_metrics(sae, store, n_tokens, cfg.batch_tokens, device),
     }
-    if not cfg.splice:
+    if soft:  # no layer's reconstruction: no splice and no raw space (SAE space above still stands)
+        result["raw_space"] = {"skipped": SOFT_ROUTING}
+        for r in result["per_layer"]:
+            r["raw_space"] = {"skipped": SOFT_ROUTING}
+        result["splice"] = {"skipped": SOFT_ROUTING}
+    elif not cfg.splice:
         result["splice"] = {"skipped": "splice=False"}
     elif model is None:
         result["splice"] = {"skipped": f"no model: the store's model "
@@ -426,6 +438,7 @@ DEFINITIONS = {
     "ce_recovered": "(CE_zero_ablated - CE_spliced) / (CE_zero_ablated - CE_clean)",
     "kl": "KL(clean || spliced) of the next-token distribution, mean over real tokens (tokens_real)",
     "splice": "routesae: one pass, block j's output replaced at the tokens routed to j (routing from the "
-              "clean pass, reconstruction divided by p_i* and de-standardised); topk: its layer; mlsae: "
+              "clean pass, reconstruction divided by p_i* and de-standardised; soft routing: not spliced); "
+              "topk: its layer; mlsae: "
               "one pass per layer (per_layer) and their mean; zero-ablation: zeros at the same places",
 }

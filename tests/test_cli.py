@@ -56,7 +56,9 @@ def test_train_from_the_command_line(tiny_ckpt, corpus_jsonl, tmp_path):
     assert "NMSE" in res.output and "CE clean" in res.output and 0 <= ev["sae_space"]["nmse"] < 1
     res = runner.invoke(app, ["export", str(run), "--to", "saelens", "--out", str(tmp_path / "sl")])
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in (tmp_path / "sl").iterdir()) == [f"blocks.{i}.hook_resid_post" for i in (1, 2, 3)]
+    assert sorted(p.name for p in (tmp_path / "sl").iterdir()) == ["README.md", *(f"blocks.{i}.hook_resid_post"
+                                                                                for i in (1, 2, 3))]
+    assert "mean p_i* of the tokens routed to the layer" in res.output  # measured on the run's store
     res = runner.invoke(app, ["analyze", str(run), "--tokens", "256", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert (run / "analysis" / "latents.parquet").exists() and (run / "analysis" / "expert_domain.parquet").exists()

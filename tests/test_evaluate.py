@@ -159,3 +159,28 @@ def test_store_from_train_config_or_error(store, tmp_path):
     (run / "train_config.json").write_text(json.dumps({"store": str(store.root)}))
     got = evaluate(EvalConfig(run=str(run), device="cpu", tokens=50, splice=False))
     assert got["tokens"] == 50 and got["splice"] == {"skipped": "splice=False"}
+
+
+@torch.no_grad()
+def test_soft_routing_is_not_spliced_and_says_why(store, tmp_path):
+    from typer.testing import CliRunner
+
+    from routesae.cli import app
+    from routesae.evaluate import SOFT_ROUTING
+
+    soft = _sae("routesae", LAYERS, seed=2, routing="soft")
+    soft.save_pretrained(tmp_path / "soft")
+    # a model is passed and would fail on first use: a soft run never touches it
+    got = evaluate(EvalConfig(run=str(tmp_path / "soft"), store=str(store.root), device="cpu", batch_tokens=128),
+                   model=object())
+    assert got["splice"] == {"skipped": SOFT_ROUTING} and got["raw_space"] == {"skipped": SOFT_ROUTING}
+    assert all(p["raw_space"] == {"skipped": SOFT_ROUTING} for p in got["per_layer"])
+    assert "\n" not in SOFT_ROUTING and "--routing hard" in SOFT_ROUTING
+    h = _all_rows(store, LAYERS)  # SAE space still measured: the soft mixture sum_i p_i x_i and its reconstruction
+    x = soft.sae_input(h)
+    x_hat = soft.decode(*soft.encode(x))
+    assert got["sae_space"]["explained_variance"] == pytest.approx(_ev(x.double(), x_hat.double()), rel=1e-5)
+    assert json.loads((tmp_path / "soft" / "eval.json").read_text())["splice"]["skipped"] == SOFT_ROUTING
+    res = CliRunner().invoke(app, ["evaluate", str(tmp_path / "soft"), "--store", str(store.root), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert f"no splice: {SOFT_ROUTING}" in res.output and "CE clean" not in res.output

@@ -81,7 +81,8 @@ class RouteSAE(SparseAutoencoder):
         Splice convention: the SAE reads ``p_i* x_i*`` exactly as in training; its reconstruction
         is divided by ``p_i*`` and de-standardised with layer i*'s mean and std (the reference
         code fed unscaled ``x_i*`` at splice time). Soft routing has no single source layer: its
-        reconstruction is de-standardised with the argmax layer's statistics, without division.
+        reconstruction is de-standardised with the argmax layer's statistics, without division; it
+        reconstructs no layer, so ``evaluate`` neither splices nor scores it in raw space.
         """
         prep = self._prepare(resid)
         x_hat = self.decode(*self.encode(prep.x))
