@@ -114,6 +114,29 @@ def test_card_regenerates_from_saved_folder(corpus, tmp_path):
         assert after["val"][d]["loss"] == pytest.approx(before["val"][d]["loss"], abs=1e-3)
     assert after["routing"]["per_layer"]["0"]["code"]["top3"] == before["routing"]["per_layer"]["0"]["code"]["top3"]
 
+    # balance section: loads of each layer sum to k (every token counts in k experts), ratios follow from them
+    b = after["balance"]
+    assert b["k"] == 2 and b["E"] == 8 and len(b["layers"]) == 2
+    for r in b["layers"]:
+        assert sum(r["load"]) == pytest.approx(2.0, abs=1e-3)
+        assert r["min_load_ratio"] == pytest.approx(min(r["load"]) / (2 / 8), abs=1e-3)
+        assert r["starved"] == [e for e, x in enumerate(r["load"]) if x < 0.1 * 2 / 8]
+        assert r["switch_aux"] >= 2 * 0.99  # E sum f P >= k with f = P balanced; larger otherwise
+        assert all(o["selectivity"] >= 2 for o in r["owners"])
+    mv = b["mean_val"]
+    assert mv["unigram_domain_in_sample"] <= mv["unigram_domain"] + 1e-6  # no unigram beats in-sample frequencies
+    # an earlier model's numbers are shown beside this one's, and kept by a later regeneration
+    from routesae.zoo.model_card import compact_balance
+
+    prev = compact_balance(b, after["val"], "v0")
+    regenerate(out, prev)
+    again = regenerate(out)
+    assert again["previous"]["label"] == "v0" and again["previous"]["layers"][0]["dead"] == len(b["layers"][0]["dead"])
+    md = (out / "MODEL_CARD.md").read_text()
+    for text in ("## Load balance per layer", "Switch aux (v0)", "## Validation loss against unigram baselines",
+                 "## Experts that own domains (selectivity)", "Goals (issue 15)"):
+        assert text in md
+
 
 def test_balance_loss_per_layer_and_pooled_by_hand():
     """Two layers, E=2, k=1: layer 0 sends every token to expert 0, layer 1 to expert 1.

@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from routesae.atomic import atomic_write_json, atomic_write_text
 from routesae.corpus import ContextBuilder, CorpusConfig, iter_documents
+from routesae.zoo.card_markdown import balance_markdown
 
 PROMPT_TOKENS = 12
 
@@ -108,7 +110,20 @@ def _md(s: str) -> str:
     return s.replace("```", "'''")
 
 
-def write_model_card(model, tokenizer, cfg, vs, out: Path, params: dict, device) -> dict:
+def compact_balance(bal: dict, val: dict, label: str) -> dict:
+    """The numbers a later card shows next to its own ("previous model"): per layer and per domain."""
+    return {"label": label, "mean_val": bal["mean_val"],
+            "val": {d: round(v["loss"], 4) for d, v in val.items()},
+            "layers": [{k: r[k] for k in ("layer", "min_load_ratio", "switch_aux")} | {
+                "starved": len(r["starved"]), "dead": len(r["dead"])} for r in bal["layers"]]}
+
+
+def write_model_card(model, tokenizer, cfg, vs, out: Path, params: dict, device, previous: dict | None = None) -> dict:
+    """Measure and write MODEL_CARD.md + card.json; ``previous``: a :func:`compact_balance` of an earlier model.
+
+    Without ``previous``, the one already in ``out/card.json`` (if any) is kept.
+    """
+    from routesae.zoo.card_balance import measure
     from routesae.zoo.train_lm import val_losses
 
     out = Path(out)
@@ -119,6 +134,12 @@ def write_model_card(model, tokenizer, cfg, vs, out: Path, params: dict, device)
     uni = unigram_losses(unigram_counts(cfg, tokenizer), vs)
     r = domain_routing(model, vs, device, layers)
     samples = greedy_samples(model, tokenizer, vs, device, cfg.sample_tokens)
+    bal = measure(model, tokenizer, cfg, vs, device, val)
+    if previous is None and (out / "card.json").exists():
+        try:
+            previous = json.loads((out / "card.json").read_text()).get("previous")
+        except (OSError, ValueError):
+            previous = None
     train_curve, val_curve = _curve(out / "train_log.jsonl")
     E, k = r["E"], r["k"]
     uniform = k / E
@@ -147,14 +168,15 @@ def write_model_card(model, tokenizer, cfg, vs, out: Path, params: dict, device)
         "params": params, "tokens_seen": tokens_seen, "preset": cfg.preset,
         "train": {"steps": cfg.total_steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
                   "warmup_steps": cfg.warmup_steps, "aux_loss_coef": cfg.aux_loss_coef, "z_loss_coef": cfg.z_loss_coef,
+                  "balance": getattr(cfg, "balance", "pooled"),
                   "tok_s_mean": round(float(np.mean([t["tok_s"] for t in train_curve])), 1) if train_curve else None},
         "train_curve": train_curve, "val_curve": val_curve,
         "val": {d: {"loss": round(val[d]["loss"], 4), "unigram": round(uni[d], 4), "tokens": val[d]["tokens"]}
                 for d in vs.domains},
-        "samples": samples, "routing": routing,
+        "samples": samples, "routing": routing, "balance": bal, "previous": previous,
     }
-    (out / "card.json").write_text(json.dumps(card, indent=1) + "\n")
-    (out / "MODEL_CARD.md").write_text(_markdown(card, cfg))
+    atomic_write_json(out / "card.json", card)
+    atomic_write_text(out / "MODEL_CARD.md", _markdown(card, cfg) + balance_markdown(card))
     return card
 
 
@@ -185,8 +207,12 @@ def _markdown(card: dict, cfg) -> str:
         f"- AdamW (betas {tuple(cfg.betas)}, weight decay {cfg.weight_decay}), peak lr {cfg.lr}, "
         f"{cfg.warmup_steps} warm-up steps then cosine decay to {cfg.min_lr_ratio} x peak, "
         f"gradient clipping {cfg.grad_clip}",
-        f"- load-balancing auxiliary loss x {cfg.aux_loss_coef} (Switch form as in transformers' OLMoE; about "
-        f"{a['top_k']} when balanced), router z-loss x {cfg.z_loss_coef}",
+        f"- load-balancing auxiliary loss x {cfg.aux_loss_coef}: "
+        + ("the Switch loss of each MoE layer, summed over layers (logged per layer: about "
+           f"{a['top_k']} when balanced)" if card["train"]["balance"] == "per_layer" else
+           "the Switch loss of all layers' router outputs pooled, as transformers' `load_balancing_loss_func` "
+           f"computes it (about {a['top_k']} when balanced)")
+        + f", router z-loss x {cfg.z_loss_coef}",
         f"- mean training throughput: {card['train']['tok_s_mean']} tokens/s",
         "",
         "Training curve (mean over each logging window):",
@@ -229,21 +255,21 @@ def _markdown(card: dict, cfg) -> str:
         per = r["per_layer"][str(layer)]
         lines += [f"### layer {layer}", "", "| domain | tokens | top-3 experts (share) | max share / (k/E) |",
                   "|---|---:|---|---:|"]
-        owners: dict[int, list[str]] = {}
         for d, v in per.items():
             tops = ", ".join(f"E{e} ({s:.2f})" for e, s in v["top3"])
             lines.append(f"| {d} | {r['tokens'][d]:,} | {tops} | {v['max_ratio']:.2f} |")
-            for e, s in v["top3"]:
-                if s >= 2 * r["uniform"]:
-                    owners.setdefault(e, []).append(d)
-        spec = [f"E{e}: {ds[0]}" for e, ds in sorted(owners.items()) if len(ds) == 1]
-        lines += ["", "Specialists (an expert at >= 2x uniform share in the top 3 of exactly one domain): "
-                  + (", ".join(spec) if spec else "none") + ".", ""]
+        lines.append("")
+    lines.append("Which experts own a domain, by selectivity rather than share, is in the section below.")
+    lines.append("")
     return "\n".join(lines) + "\n"
 
 
-def regenerate(folder: str | Path) -> dict:
-    """Rewrite MODEL_CARD.md and card.json of a finished training folder from its saved model."""
+def regenerate(folder: str | Path, previous: dict | None = None) -> dict:
+    """Rewrite MODEL_CARD.md and card.json of a finished training folder from its saved model.
+
+    ``previous``: numbers of an earlier model to show beside this one (:func:`compact_balance`, or a
+    card.json whose ``balance`` and ``val`` it is made from); default: the ones already in the card.
+    """
     from transformers import AutoModelForCausalLM
 
     from routesae.zoo.train_lm import TrainLMConfig, count_params, load_tokenizer, val_slice
@@ -255,7 +281,22 @@ def regenerate(folder: str | Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(str(folder))
     model.set_experts_implementation("eager")  # exact and available everywhere
     return write_model_card(model, tokenizer, cfg, val_slice(cfg, tokenizer), folder, params=count_params(model),
-                            device=torch.device("cpu"))
+                            device=torch.device("cpu"), previous=previous)
+
+
+def measure_folder(folder: str | Path, cfg) -> dict:
+    """:func:`compact_balance` of any saved demo-moe folder on ``cfg``'s validation slice (e.g. the previous model)."""
+    from transformers import AutoModelForCausalLM
+
+    from routesae.zoo.card_balance import measure
+    from routesae.zoo.train_lm import load_tokenizer, val_losses, val_slice
+
+    tokenizer = load_tokenizer(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    model.set_experts_implementation("eager")
+    vs = val_slice(cfg, tokenizer)
+    val = val_losses(model, vs, torch.device("cpu"))
+    return measure(model, tokenizer, cfg, vs, torch.device("cpu"), val) | {"val": val}
 
 
 if __name__ == "__main__":
@@ -263,4 +304,11 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description="Rewrite MODEL_CARD.md and card.json of a trained demo-moe folder")
     ap.add_argument("folder")
-    regenerate(ap.parse_args().folder)
+    ap.add_argument("--previous", help="a measure JSON (measure_folder's output) of the model this one replaces")
+    ap.add_argument("--previous-label", default="previous")
+    a = ap.parse_args()
+    prev = None
+    if a.previous:
+        m = json.loads(Path(a.previous).read_text())
+        prev = compact_balance(m, m["val"], a.previous_label)
+    regenerate(a.folder, prev)
