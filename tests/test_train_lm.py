@@ -163,3 +163,36 @@ def test_balance_loss_per_layer_and_pooled_by_hand():
         sum(load_balancing_loss_func((r,), 8, 2).item() for r in rl))
     with pytest.raises(ValueError, match="balance 'layers' unknown"):
         switch_balance_loss(rl, 2, "layers")
+
+
+def test_pooled_balance_lets_layers_collapse_and_the_analysis_flags_it(corpus, tmp_path):
+    """32 experts, top-2, 300 steps of the tiny model: pooled balancing leaves dead experts, per-layer does not.
+
+    Dead experts are found independently from the saved model's own router logits (HF
+    ``output_router_logits`` on the validation slice); ``expert_tables`` on a store captured from the
+    validation split must flag each of them as collapsed (load < 0.1 / E).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from routesae.analyze import expert_tables
+    from routesae.capture import CaptureConfig, capture
+    from routesae.zoo.card_balance import balance_table, routing_counts
+    from routesae.zoo.train_lm import load_tokenizer, val_slice
+
+    cdir, tok = corpus
+    flagged, dead = {}, {}
+    for bal in ("pooled", "per_layer"):
+        cfg = _cfg(corpus, tmp_path / bal, balance=bal, n_experts=32, top_k=2, max_tokens=300 * 4 * 32, card=False,
+                   eval_every=10**6, ckpt_every=10**6)
+        out = train_lm(cfg)
+        model = AutoModelForCausalLM.from_pretrained(str(out))
+        vs = val_slice(cfg, load_tokenizer(cfg.tokenizer))
+        rows = balance_table(routing_counts(model, vs, torch.device("cpu")), vs.domains)
+        dead[bal] = {(r["layer"], e) for r in rows for e in r["dead"]}
+        store = tmp_path / f"store-{bal}"
+        capture(CaptureConfig(model=str(out), corpus=str(cdir), out=str(store), split="val", ctx=32, layers="all",
+                              progress=False))
+        es = expert_tables(store)["expert_stats"]
+        flagged[bal] = {(int(a), int(b)) for a, b in zip(es.layer[es.collapse_low], es.expert[es.collapse_low])}
+    assert dead["pooled"] and dead["pooled"] <= flagged["pooled"]
+    assert not dead["per_layer"] and len(flagged["per_layer"]) < len(flagged["pooled"])

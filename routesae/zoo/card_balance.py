@@ -67,13 +67,19 @@ def unigram_baselines(counts: np.ndarray, vs) -> dict[str, dict[str, float]]:
 
 
 @torch.no_grad()
-def routing_counts(model, vs, device, batch: int = 8) -> dict:
-    """Top-k membership counts per (layer, domain, expert), summed router probabilities per (layer, expert)."""
+def routing_counts(model, vs, device, layers: list[int] | None = None, bos: bool = False, batch: int = 8) -> dict:
+    """Top-k and top-1 membership counts per (layer, domain, expert), summed router probabilities per (layer, expert).
+
+    ``layers``: which MoE layers (default all; index i of the arrays is ``layers[i]``); ``bos``: count the
+    documents' first tokens too (left out by default).
+    """
     c = model.config
-    E, k, L = c.num_experts, c.num_experts_per_tok, c.num_hidden_layers
+    E, k = c.num_experts, c.num_experts_per_tok
+    layers = list(range(c.num_hidden_layers)) if layers is None else list(layers)
     nd = len(vs.domains)
-    topk = np.zeros((L, nd, E), np.int64)
-    psum = np.zeros((L, E))
+    topk = np.zeros((len(layers), nd, E), np.int64)
+    top1 = np.zeros((len(layers), nd, E), np.int64)
+    psum = np.zeros((len(layers), E))
     n_d = np.zeros(nd, np.int64)
     was = model.training
     model.eval()
@@ -82,16 +88,17 @@ def routing_counts(model, vs, device, batch: int = 8) -> dict:
         mask = torch.from_numpy(vs.mask[s:s + batch]).to(device)
         rl = model(input_ids=ids, attention_mask=mask, output_router_logits=True).router_logits
         dom, pos = vs.dom[s:s + batch].reshape(-1), vs.pos[s:s + batch].reshape(-1)
-        keep = (dom >= 0) & (pos > 0)
+        keep = (dom >= 0) & (bos | (pos > 0))
         d = dom[keep]
         n_d += np.bincount(d, minlength=nd)
-        for layer in range(L):
+        for li, layer in enumerate(layers):
             probs = torch.softmax(rl[layer].float(), dim=-1).cpu()
-            psum[layer] += probs.numpy()[keep].sum(0)
+            psum[li] += probs.numpy()[keep].sum(0)
             idx = torch.topk(probs, k, dim=-1).indices.numpy()[keep]
-            np.add.at(topk[layer], (np.repeat(d, k), idx.reshape(-1)), 1)
+            np.add.at(topk[li], (np.repeat(d, k), idx.reshape(-1)), 1)
+            np.add.at(top1[li], (d, idx[:, 0]), 1)
     model.train(was)
-    return {"topk": topk, "psum": psum, "n_d": n_d, "E": E, "k": k}
+    return {"topk": topk, "top1": top1, "psum": psum, "n_d": n_d, "E": E, "k": k}
 
 
 def balance_table(r: dict, domains: list[str]) -> list[dict]:

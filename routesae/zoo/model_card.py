@@ -47,32 +47,11 @@ def unigram_losses(counts: np.ndarray, vs) -> dict[str, float]:
     return out
 
 
-@torch.no_grad()
-def domain_routing(model, vs, device, layers: list[int], batch: int = 8) -> dict:
-    """Counts of top-k and top-1 membership per (layer, domain, expert) and tokens per domain."""
-    c = model.config
-    E, k = c.num_experts, c.num_experts_per_tok
-    nd = len(vs.domains)
-    topk = np.zeros((len(layers), nd, E), np.int64)
-    top1 = np.zeros((len(layers), nd, E), np.int64)
-    n_d = np.zeros(nd, np.int64)
-    was = model.training
-    model.eval()
-    for s in range(0, len(vs.ids), batch):
-        ids = torch.from_numpy(vs.ids[s:s + batch]).to(device)
-        mask = torch.from_numpy(vs.mask[s:s + batch]).to(device)
-        rl = model(input_ids=ids, attention_mask=mask, output_router_logits=True).router_logits
-        dom = vs.dom[s:s + batch].reshape(-1)
-        real = dom >= 0
-        n_d += np.bincount(dom[real], minlength=nd)
-        for li, layer in enumerate(layers):
-            probs = torch.softmax(rl[layer].float(), dim=-1)
-            idx = torch.topk(probs, k, dim=-1).indices.cpu().numpy()[real]
-            d = dom[real]
-            np.add.at(topk[li], (np.repeat(d, k), idx.reshape(-1)), 1)
-            np.add.at(top1[li], (d, idx[:, 0]), 1)
-    model.train(was)
-    return {"topk": topk, "top1": top1, "n_d": n_d, "E": E, "k": k}
+def domain_routing(model, vs, device, layers: list[int]) -> dict:
+    """Counts of top-k and top-1 membership per (layer, domain, expert) and tokens per domain (BOS included)."""
+    from routesae.zoo.card_balance import routing_counts
+
+    return routing_counts(model, vs, device, layers=layers, bos=True)
 
 
 @torch.no_grad()

@@ -130,6 +130,11 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(n_layers=2, d_model=32, n_heads=2, n_experts=8, top_k=2, intermediate_size=16, ctx=32,
                  batch_size=4, max_tokens=4 * 32 * 16, lr=1e-2, warmup_steps=2, log_every=2, ckpt_every=4,
                  eval_every=8, val_contexts_per_domain=4, sample_tokens=8),
+    # collapse demonstration: a small variant trained with the pooled balancing loss (transformers' form);
+    # `routesae analyze` / `expert_tables` flag the experts it starves (docs/guide.md). A few minutes on CPU.
+    "collapse": dict(n_layers=4, d_model=96, n_heads=4, n_experts=32, top_k=2, intermediate_size=32, ctx=128,
+                     max_tokens=2_000_000, lr=3e-3, balance="pooled", warmup_steps=50, eval_every=200,
+                     val_contexts_per_domain=16),
     # GPU: d_model 256 with tied embeddings (13.7M parameters, 55 MB in float32: the shipped model stays
     # < 60 MB), 120M tokens, bf16 autocast
     "gpu": dict(d_model=256, n_heads=4, intermediate_size=48, tie_embeddings=True, batch_size=64,
