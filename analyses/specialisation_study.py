@@ -306,9 +306,12 @@ def render(a, run: Path, features: list[int], command: str) -> tuple[str, str]:
     tops = facts.top_experts_per_domain(a, 3)
     mid = str(layers[0]) if str(layers[0]) in tops else None
     if mid is not None:
-        rows = [{"domain": d, "top-3 experts by share (share, selectivity)": ", ".join(
-            f"E{e['expert']} ({e['share_topk']:.2f}, " + ("hub" if e.get("hub") else f"{_num(e.get('selectivity'), '.1f')}x") + ")"
-            for e in lst)} for d, lst in tops[mid].items()]
+        def cell(e: dict) -> str:
+            return f"E{e['expert']} ({e['share_topk']:.2f}, " + (
+                "hub" if e.get("hub") else f"{_num(e.get('selectivity'), '.1f')}x") + ")"
+
+        rows = [{"domain": d, "top-3 experts by share (share, selectivity)": ", ".join(cell(e) for e in lst)}
+                for d, lst in tops[mid].items()]
         out += [f"Every domain's most used experts at the middle layer ({mid}):", "", md_table(pd.DataFrame(rows)),
                 ""]
     sp = specialists(a)

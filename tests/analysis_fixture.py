@@ -3,8 +3,9 @@
 Every table and column documented in docs/analysis.md, built by hand (no dependency on the code
 that computes them): 2 MoE layers (1 and 3) of E=4 experts with top-k=2, 3 domains, a RouteSAE of
 12 latents over layers [1, 2, 3]. Expert 0 of layer 1 is a hub (in the top-k of 90% of every domain's
-tokens); expert 3 of layer 3 collapses; BOS tokens are reported apart (position bucket "BOS"). Corpus strings are hostile on purpose (``<script>``, quotes,
-``&``, ``</div>``, backticks, ``|``, newlines) so that renderers can be checked for escaping.
+tokens), so is expert 2 of layer 3; expert 3 of layer 3 collapses; BOS tokens are reported apart
+(position bucket "BOS"). Corpus strings are hostile on purpose (``<script>``, quotes, ``&``,
+``</div>``, backticks, ``|``, newlines) so that renderers can be checked for escaping.
 """
 
 from __future__ import annotations

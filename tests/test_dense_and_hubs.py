@@ -11,8 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from routesae.report import ReportConfig, build_report, load_analysis
-from routesae.report import facts
+from routesae.report import ReportConfig, build_report, facts, load_analysis
 from tests.analysis_fixture import make_analysis
 
 PLACEHOLDERS = re.compile(r"L-1|E-1|lift -(?!\d)|\(lift -\)|top expert: -")
