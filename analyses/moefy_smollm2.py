@@ -134,12 +134,16 @@ def main() -> None:
                "| domain | " + " | ".join(str(e) for e in piv.columns) + " |", "|---|" + "---:|" * len(piv.columns)]
         for d, row in piv.iterrows():
             md.append(f"| {d} | " + " | ".join(f"{v:.2f}" for v in row.to_numpy()) + " |")
-    best = st[st.layer == mid].sort_values("specialisation", ascending=False).head(5)
-    md += ["", f"Most specialised experts of layer {mid} (lift, top domain, tokens with the highest share):", "",
-           "| expert | lift | top domain | top tokens |", "|---:|---:|---|---|"]
+    from routesae.analyze.specialists import rank_specialists
+
+    best = rank_specialists(st[st.layer == mid]).head(5)  # by selectivity; hubs and low-load experts left out
+    md += ["", f"Most specialised experts of layer {mid} by selectivity (top domain's share / the expert's share of "
+               f"all tokens; hubs and experts below half the uniform load not ranked), with the lift share / (k/E), "
+               f"top domain and the tokens with the highest share:", "",
+           "| expert | selectivity | lift | top domain | top tokens |", "|---:|---:|---:|---|---|"]
     for _, r in best.iterrows():
         toks = ", ".join(repr(t) for t in list(r.top_tokens)[:6]).replace("|", "\\|")
-        md.append(f"| {int(r.expert)} | {r.specialisation:.2f} | {r.top_domain} | {toks} |")
+        md.append(f"| {int(r.expert)} | {r.selectivity:.2f} | {r.specialisation:.2f} | {r.top_domain} | {toks} |")
     text = "\n".join(md)
     json.dump({"losses": losses, "all_experts_max_abs_logit_diff": all_diff, "seconds": seconds,
                "layer_stats": ls.replace({np.nan: None}).to_dict("records"), "moefy": report},

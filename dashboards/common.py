@@ -133,12 +133,16 @@ def feature_table(a: Analysis) -> pd.DataFrame:
                         "top_expert_layer", "top_expert", "top_expert_lift", "top_routed_layer", "interpretable",
                         "top_token") if c in lat]
     t = lat[cols].copy()
-    if "top_expert" in t and "top_expert_layer" in t:
-        ok = t["top_expert"].notna() & t["top_expert_layer"].notna()
-        lay = t["top_expert_layer"].fillna(-1).astype(int).astype(str)
-        ex = t["top_expert"].fillna(-1).astype(int).astype(str)
-        t["expert"] = np.where(ok, "L" + lay + " E" + ex, None)
+    if "top_expert" in t and "top_expert_layer" in t:  # -1 = none (dense model, or no MoE layer below)
+        lay = t["top_expert_layer"].fillna(-1).astype(int)
+        ex = t["top_expert"].fillna(-1).astype(int)
+        ok = (lay >= 0) & (ex >= 0)
+        t["expert"] = np.where(ok, "L" + lay.astype(str) + " E" + ex.astype(str), None)
+        if "top_expert_lift" in t:
+            t["top_expert_lift"] = t["top_expert_lift"].where(ok)
         t = t.drop(columns=["top_expert", "top_expert_layer"])
+        if not ok.any():  # a dense model: no expert columns at all
+            t = t.drop(columns=["expert", "top_expert_lift"], errors="ignore")
     if "top_token" in t:
         t["top_token"] = t["top_token"].map(lambda s: None if s is None else visible(s))
     return t.reset_index(drop=True)

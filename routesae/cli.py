@@ -239,6 +239,8 @@ def analyze(
     top_contexts: int = typer.Option(20, help="Top-activating contexts kept per latent."),
     window: int = typer.Option(16, help="Tokens either side of a context's centre."),
     fire_fraction: float = typer.Option(0.5, help="Feature counting: a latent fires at >= this fraction of its max."),
+    min_load_ratio: float = typer.Option(0.5, help="Specialists: an expert may own a domain when its load is at "
+                                                   "least this multiple of the uniform 1/E (hubs never do)."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
 ) -> None:
     """Feature, expert and feature x expert analyses into RUN/analysis/ (read by reports and the dashboard)."""
@@ -248,7 +250,8 @@ def analyze(
     try:
         out = run_analyze(AnalyzeConfig(run=str(run), store=str(store) if store else None, model=model,
                                         tokens=tokens, with_model=with_model, top_contexts=top_contexts,
-                                        window=window, fire_fraction=fire_fraction, device=device))
+                                        window=window, fire_fraction=fire_fraction, device=device,
+                                        min_load_ratio=min_load_ratio))
     except USER_ERRORS as exc:
         _fail(exc)
     typer.echo(f"analysis written to {out}; next: routesae report {run}")

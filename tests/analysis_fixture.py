@@ -2,8 +2,10 @@
 
 Every table and column documented in docs/analysis.md, built by hand (no dependency on the code
 that computes them): 2 MoE layers (1 and 3) of E=4 experts with top-k=2, 3 domains, a RouteSAE of
-12 latents over layers [1, 2, 3]. Corpus strings are hostile on purpose (``<script>``, quotes,
-``&``, ``</div>``, backticks, ``|``, newlines) so that renderers can be checked for escaping.
+12 latents over layers [1, 2, 3]. Expert 0 of layer 1 is a hub (in the top-k of 90% of every domain's
+tokens), so is expert 2 of layer 3; expert 3 of layer 3 collapses; BOS tokens are reported apart
+(position bucket "BOS"). Corpus strings are hostile on purpose (``<script>``, quotes, ``&``,
+``</div>``, backticks, ``|``, newlines) so that renderers can be checked for escaping.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ N_LATENTS = 12
 DEAD = [11]  # never active
 HOSTILE = ["<script>alert(1)</script>", '"quotes"', "'single'", "a & b", "</div>", "`tick`", "a|b", "\n",
            "*star*", "[link](x)"]
-BUCKETS = [str(i) for i in range(8)] + ["8+"]
+BUCKETS = [str(i) for i in range(1, 8)] + ["8+", "BOS"]  # BOS at position 0: no "0" bucket
+N_DOCS = 30
 TABLES = ["expert_domain", "expert_stats", "layer_stats", "domain_layer", "experts_per_token", "position_profile",
           "coactivation", "latents", "contexts", "latent_domains", "latent_experts", "expert_latents"]
 
@@ -37,42 +40,61 @@ def _expert_tables(rng: np.random.Generator) -> dict[str, pd.DataFrame]:
             if layer == 3:  # expert 3 of layer 3 collapses
                 p[3] = 0.001
                 p /= p.sum()
+            else:  # expert 0 of layer 1 is in the top-k of 90% of every domain's tokens: a hub
+                p = np.concatenate([[0.45], p[1:] / p[1:].sum() * 0.55])
             h_topk = np.minimum(np.round(p * K * n), n).astype(int)
             h_top1 = np.round(p * n).astype(int)
             hits[d] = h_topk
+        base = sum(hits.values()) / total  # fraction of all tokens whose top-k includes the expert
+        for d, n in DOMAINS.items():
+            h_topk, h_top1 = hits[d], np.round(hits[d] / K).astype(int)
             for e in range(E):
                 ed.append({"layer": layer, "domain": d, "expert": e, "tokens": n, "hits_topk": int(h_topk[e]),
                            "share_topk": h_topk[e] / n, "hits_top1": int(h_top1[e]), "share_top1": h_top1[e] / n,
-                           "uniform_topk": K / E, "uniform_top1": 1 / E, "lift_topk": h_topk[e] / n / (K / E)})
+                           "uniform_topk": K / E, "uniform_top1": 1 / E, "lift_topk": h_topk[e] / n / (K / E),
+                           "base_topk": float(base[e]), "selectivity": h_topk[e] / n / base[e]})
         load = sum(hits.values()) / (K * total)
         for e in range(E):
-            lifts = {d: hits[d][e] / DOMAINS[d] / (K / E) for d in DOMAINS}
-            top_d = max(lifts, key=lifts.get)
+            shares = {d: hits[d][e] / DOMAINS[d] for d in DOMAINS}
+            top_d = max(shares, key=shares.get)
+            over = sum(v > 0.5 for v in shares.values())
             es.append({"layer": layer, "expert": e, "load": float(load[e]), "load_top1": float(load[e]),
-                       "mean_weight": float(rng.uniform(0.2, 0.6)), "specialisation": float(lifts[top_d]),
+                       "mean_weight": float(rng.uniform(0.2, 0.6)), "specialisation": shares[top_d] / (K / E),
                        "top_domain": top_d, "collapse_low": bool(load[e] < 0.1 / E),
                        "collapse_high": bool(load[e] > 3 / E),
                        "top_tokens": [HOSTILE[(e + i) % len(HOSTILE)] for i in range(3)],
-                       "top_token_shares": [0.9, 0.7, 0.5]})
+                       "top_token_shares": [0.9, 0.7, 0.5], "base_topk": float(base[e]),
+                       "selectivity": shares[top_d] / base[e], "top_share": shares[top_d], "hub_domains": over,
+                       "hub": bool(over > len(DOMAINS) / 2)})
         cv = float(load.std() / load.mean())
         ent = float(-(load * np.log(np.maximum(load, 1e-12))).sum() / np.log(E))
+        owners = {}
+        for d, n in DOMAINS.items():  # the most selective expert with load >= 0.5/E that is not a hub
+            ok = [e for e in range(E) if load[e] >= 0.5 / E and not es[-E + e]["hub"] and hits[d][e] > 0]
+            owners[d] = max(ok, key=lambda e: hits[d][e] / n / base[e]) if ok else -1
         ls.append({"layer": layer, "n_experts": E, "top_k": K, "tokens": total, "load_cv": cv,
                    "load_entropy_norm": ent, "max_vio": float((load.max() - load.mean()) / load.mean()),
                    "switch_aux": float(E * (load * load).sum() * K), "router_entropy": float(rng.uniform(0.8, 1.3)),
                    "repetition_rate": float(rng.uniform(0.2, 0.5)),
-                   "domain_specialisation": float(np.mean([hits[d].max() / DOMAINS[d] / (K / E) for d in DOMAINS]))})
+                   "domain_specialisation": float(np.mean([hits[d].max() / DOMAINS[d] / (K / E) for d in DOMAINS])),
+                   "domain_selectivity": float(np.mean([hits[d][o] / DOMAINS[d] / base[o] for d, o in owners.items()
+                                                        if o >= 0])),
+                   "hubs": sum(r["hub"] for r in es[-E:]), "bos_tokens": N_DOCS})
         for d, n in DOMAINS.items():
+            o = owners[d]
             dl.append({"layer": layer, "domain": d, "tokens": n, "router_entropy": float(rng.uniform(0.7, 1.3)),
                        "specialisation": float(hits[d].max() / n / (K / E)), "mean_active": 2.0,
-                       "repetition_rate": float(rng.uniform(0.1, 0.5))})
+                       "repetition_rate": float(rng.uniform(0.1, 0.5)),
+                       "selectivity": float(hits[d][o] / n / base[o]) if o >= 0 else float("nan"), "owner": o})
             fr = rng.dirichlet(np.ones(3))
             for i, n_active in enumerate([1, 2, 3]):
                 ept.append({"layer": layer, "domain": d, "n_active": n_active, "tokens": int(round(fr[i] * n)),
                             "fraction": float(fr[i])})
         for b, bucket in enumerate(BUCKETS):
-            pp.append({"layer": layer, "bucket": bucket, "tokens": 30 if b < 8 else total - 240,
-                       "router_entropy": float(0.6 + 0.08 * b), "specialisation": float(1.9 - 0.05 * b),
-                       "max_share": float(0.7 - 0.03 * b)})
+            pp.append({"layer": layer, "bucket": bucket, "tokens": 30 if b < 7 else N_DOCS if bucket == "BOS"
+                       else total - 210, "router_entropy": float(0.6 + 0.08 * b),
+                       "specialisation": float(1.9 - 0.05 * b), "max_share": float(0.7 - 0.03 * b),
+                       "selectivity": float(1.5 - 0.04 * b)})
         for i in range(E):
             for j in range(E):
                 c = int(rng.integers(0, 200)) if i != j else int(load[i] * K * total)

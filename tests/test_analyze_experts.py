@@ -25,15 +25,18 @@ from routesae.store import Store
 
 COLUMNS = {
     "expert_domain": ["layer", "domain", "expert", "tokens", "hits_topk", "share_topk", "hits_top1", "share_top1",
-                      "uniform_topk", "uniform_top1", "lift_topk"],
+                      "uniform_topk", "uniform_top1", "lift_topk", "base_topk", "selectivity"],
     "expert_stats": ["layer", "expert", "load", "load_top1", "mean_weight", "specialisation", "top_domain",
-                     "collapse_low", "collapse_high", "top_tokens", "top_token_shares"],
+                     "collapse_low", "collapse_high", "top_tokens", "top_token_shares", "base_topk", "selectivity",
+                     "top_share", "hub_domains", "hub"],
     "layer_stats": ["layer", "n_experts", "top_k", "tokens", "load_cv", "load_entropy_norm", "max_vio", "switch_aux",
-                    "router_entropy", "repetition_rate", "domain_specialisation"],
+                    "router_entropy", "repetition_rate", "domain_specialisation", "domain_selectivity", "hubs",
+                    "bos_tokens"],
     "domain_layer": ["layer", "domain", "tokens", "router_entropy", "specialisation", "mean_active",
-                     "repetition_rate"],
+                     "repetition_rate", "selectivity", "owner"],
     "experts_per_token": ["layer", "domain", "n_active", "tokens", "fraction"],
-    "position_profile": ["layer", "bucket", "tokens", "router_entropy", "specialisation", "max_share"],
+    "position_profile": ["layer", "bucket", "tokens", "router_entropy", "specialisation", "max_share",
+                         "selectivity"],
     "coactivation": ["layer", "expert_i", "expert_j", "count", "rate"],
 }
 
@@ -151,6 +154,14 @@ def test_expert_stats_by_hand():
     assert l1.top_tokens[0] == ["t6", "t5"] and l1.top_token_shares[0] == pytest.approx([1, 2 / 3])
     assert l1.top_tokens[2] == ["t6", "t7", "t8", "t5"]  # ties at share 1 by id; token 5 in 1 of 3
     assert l1.top_tokens[3] == ["t7", "t5"]
+    # selectivity = top domain's share / the expert's share of all 6 tokens (3, 2, 4, 2 hits)
+    np.testing.assert_allclose(l1.base_topk, [3 / 6, 2 / 6, 4 / 6, 2 / 6])
+    np.testing.assert_allclose(l1.selectivity, [1 / .5, (2 / 3) / (1 / 3), 1 / (4 / 6), (2 / 3) / (1 / 3)])
+    np.testing.assert_allclose(l1.top_share, [1, 2 / 3, 1, 2 / 3])
+    assert l1.hub_domains.tolist() == [1, 1, 1, 1] and not l1.hub.any()
+    # layer 3: expert 0 is in every token's top-k: share 1 in both domains, a hub with selectivity 1
+    assert l3.hub.tolist() == [True, False, False, False] and l3.selectivity[0] == pytest.approx(1)
+    assert l3.specialisation[0] == pytest.approx(2)  # lift E/k in every domain
     strict = hand_tables(min_vocab_count=3)["expert_stats"].set_index(["layer", "expert"])
     assert strict.top_tokens[(1, 0)] == ["t5"] and strict.top_token_shares[(1, 2)] == pytest.approx([1 / 3])
 
@@ -181,6 +192,12 @@ def test_layer_and_domain_stats_by_hand():
     assert a.specialisation == pytest.approx(2) and b.specialisation == pytest.approx(2)
     assert a.mean_active == 2 and b.mean_active == pytest.approx(5 / 3) and a.tokens == 3
     assert at(dl, layer=3, domain="a").mean_active == pytest.approx(4 / 3)
+    # owners: the most selective expert with load >= 0.5/E that is not a hub (ties: the lower id)
+    assert (a.owner, b.owner) == (0, 3) and (a.selectivity, b.selectivity) == pytest.approx((2, 2))
+    a3, b3 = at(dl, layer=3, domain="a"), at(dl, layer=3, domain="b")
+    assert a3.owner == 1 and a3.selectivity == pytest.approx((1 / 3) / (1 / 6))  # expert 0 is a hub
+    assert b3.owner == -1 and np.isnan(b3.selectivity)  # no eligible expert is used by b at layer 3
+    assert r.domain_selectivity == pytest.approx(2) and (r.hubs, r3.hubs) == (0, 1) and r.bos_tokens == 0
 
 
 def test_experts_per_token_position_coactivation_by_hand():
@@ -205,6 +222,78 @@ def test_experts_per_token_position_coactivation_by_hand():
     assert at(c1, expert_i=1, expert_j=0).rate == 1 and at(c1, expert_i=2, expert_j=0).rate == .25
     assert at(c1, expert_i=2, expert_j=3).rate == .5 and at(c1, expert_i=2, expert_j=2)["count"] == 4
     assert np.isnan(at(co[co.layer == 3], expert_i=2, expert_j=0).rate)
+
+
+# ---------------------------------------------------------------- hubs, specialists and BOS
+# one MoE layer, E = 4, k = 2; document a: BOS + 2 tokens, document b: BOS + 6 tokens. Expert 0 is in every
+# token's top-k (a hub); expert 1 serves a only, experts 2 and 3 serve b; BOS (id 1) always picks {0, 3}.
+HUB_IDX = [[0, 3], [0, 1], [1, 0], [0, 3], [0, 2], [2, 0], [0, 2], [2, 0], [0, 3], [3, 0]]
+
+
+def hub_tables(bos_token_id=1, **kw):
+    n = len(HUB_IDX)
+    router = {"indices": torch.tensor(np.array(HUB_IDX)[:, None, :], dtype=torch.int16),
+              "weights": torch.full((n, 1, 2), .5), "n_active": torch.full((n, 1), 2, dtype=torch.uint8)}
+    tokens = pd.DataFrame({"token_id": [1, 10, 11, 1, 12, 13, 14, 15, 16, 17], "token": [f"t{i}" for i in range(n)],
+                           "position": [0, 1, 2, 0, 1, 2, 3, 4, 5, 6], "context": [0] * n,
+                           "domain": ["a"] * 3 + ["b"] * 7})
+    st = ExpertStats([0], 4, 2, bos_token_id=bos_token_id)
+    st.update(router, tokens)
+    return st.tables(min_vocab_count=1, **kw)
+
+
+def test_hub_has_lift_e_over_k_but_selectivity_one_and_is_not_ranked():
+    from routesae.analyze.specialists import rank_specialists
+
+    t = hub_tables()
+    ed, es = t["expert_domain"], t["expert_stats"].set_index("expert")
+    # 8 tokens without BOS: a = 2 tokens, b = 6; hits: E0 8, E1 2 (a), E2 4 (b), E3 2 (b)
+    for d in "ab":
+        hub = at(ed, domain=d, expert=0)
+        assert hub.share_topk == 1 and hub.lift_topk == pytest.approx(4 / 2) and hub.selectivity == pytest.approx(1)
+    assert at(ed, domain="a", expert=1).selectivity == pytest.approx(1 / (2 / 8))          # 4 = N / N_a
+    assert at(ed, domain="b", expert=2).selectivity == pytest.approx((4 / 6) / (4 / 8))    # 4/3
+    assert at(ed, domain="b", expert=3).lift_topk == pytest.approx((2 / 6) / .5)
+    np.testing.assert_allclose(es.base_topk, [1, 2 / 8, 4 / 8, 2 / 8])
+    np.testing.assert_allclose(es.load, [8 / 16, 2 / 16, 4 / 16, 2 / 16])
+    assert es.hub.tolist() == [True, False, False, False] and es.hub_domains.tolist() == [2, 1, 1, 0]
+    # the lift cannot separate the hub from the owner of a (both 2 = E/k); selectivity can
+    assert es.specialisation[0] == es.specialisation[1] == pytest.approx(2)
+    np.testing.assert_allclose(es.selectivity, [1, 4, 4 / 3, 4 / 3])
+    assert es.top_domain.tolist()[1:] == ["a", "b", "b"]
+    ranked = rank_specialists(t["expert_stats"])
+    assert ranked.expert.tolist() == [1, 2, 3]  # the hub is not ranked; the owner of a comes first
+    # a stricter minimum load (1 x uniform = 0.25) drops experts 1 and 3 (load 0.125)
+    assert rank_specialists(t["expert_stats"], min_load_ratio=1.0).expert.tolist() == [2]
+    dl = t["domain_layer"].set_index("domain")
+    assert dl.owner.tolist() == [1, 2] and dl.selectivity.tolist() == pytest.approx([4, 4 / 3])
+    assert t["layer_stats"].hubs[0] == 1
+
+
+def test_bos_is_left_out_and_reported_apart():
+    with_bos, without = hub_tables(bos_token_id=1), hub_tables(bos_token_id=None)
+    # BOS excluded: a has 2 tokens and expert 3 none of them; counted as tokens, a has 3 and expert 3 one
+    assert at(with_bos["expert_domain"], domain="a", expert=3).hits_topk == 0
+    a3 = at(without["expert_domain"], domain="a", expert=3)
+    assert (a3.tokens, a3.hits_topk, a3.share_topk) == (3, 1, pytest.approx(1 / 3))
+    assert (with_bos["layer_stats"].tokens[0], with_bos["layer_stats"].bos_tokens[0]) == (8, 2)
+    assert (without["layer_stats"].tokens[0], without["layer_stats"].bos_tokens[0]) == (10, 0)
+    # BOS inflates expert 3 into the owner of a (expert 1's load 1/10 is then below 0.5/E)
+    assert at(without["domain_layer"], domain="a").owner == 3
+    # position 0: with BOS counted it is a trivial E/k (both BOS tokens pick {0, 3}); left out, position 0 has
+    # no token and the BOS bucket holds the two BOS tokens apart
+    p_with = with_bos["position_profile"].set_index("bucket")
+    p_without = without["position_profile"].set_index("bucket")
+    assert p_without.loc["0", "tokens"] == 2 and p_without.loc["0", "max_share"] == 1
+    assert p_without.loc["0", "specialisation"] == pytest.approx(4 / 2) and "BOS" not in p_without.index
+    assert "0" not in p_with.index and p_with.loc["BOS", "tokens"] == 2
+    assert p_with.loc["BOS", "specialisation"] == pytest.approx(2) and p_with.loc["1", "tokens"] == 2
+    # selectivity at BOS: expert 3 (share 1, base 2/8; eligible) against the hub's 1
+    assert p_with.loc["BOS", "selectivity"] == pytest.approx(1 / (2 / 8))
+    # BOS has no first choice, so the pairs (x, BOS) and (BOS, x) are not counted: first choices (first slot)
+    # a: 0 1 | b: 0 2 0 2 0 3 -> 6 pairs, none equal; counting BOS (0) too: 0 0 1 0 0 2 0 2 0 3 -> 2 of 9
+    assert with_bos["layer_stats"].repetition_rate[0] == 0
+    assert without["layer_stats"].repetition_rate[0] == pytest.approx(2 / 9)
 
 
 def test_without_logits_entropy_is_nan():
@@ -286,22 +375,27 @@ def test_expert_tables_on_captured_store(tiny_ckpt, corpus_jsonl, tmp_path):
         pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / f"{name}.parquet"), df, check_dtype=False)
     ed = t["expert_domain"]
     assert ed.share_topk.between(0, 1).all() and ed.share_top1.between(0, 1).all()
-    assert (t["layer_stats"].tokens == store.n_tokens).all() and len(t["layer_stats"]) == len(L)
+    tokens = store.tokens()
+    bos = ((tokens.position == 0) & (tokens.token_id == store.manifest["bos_token_id"])).to_numpy()
+    assert bos.sum() > 0  # the tiny tokenizer has a BOS token: left out of the tables, counted apart
+    assert (t["layer_stats"].tokens == store.n_tokens - bos.sum()).all() and len(t["layer_stats"]) == len(L)
+    assert (t["layer_stats"].bos_tokens == bos.sum()).all()
+    assert "0" not in set(t["position_profile"].bucket) and "BOS" in set(t["position_profile"].bucket)
     np.testing.assert_allclose(t["expert_stats"].groupby("layer").load.sum(), 1.0)
     np.testing.assert_allclose(t["layer_stats"].switch_aux, k, rtol=0.5)  # near k for a random router
     assert t["layer_stats"].router_entropy.between(0, math.log(E)).all()
     assert t["coactivation"].rate.between(0, 1).all()
-    # hits against a direct recount from the store
-    tokens = store.tokens()
+    # hits against a direct recount from the store (BOS left out)
     idx = torch.cat([store.load_router(s["index"])["indices"] for s in store.shards]).long().numpy()
     for li, layer in enumerate(L):
         for dom in tokens.domain.unique():
-            rows = (tokens.domain == dom).to_numpy()
+            rows = (tokens.domain == dom).to_numpy() & ~bos
             want = np.bincount(idx[rows, li][idx[rows, li] >= 0], minlength=E)
             got = ed[(ed.layer == layer) & (ed.domain == dom)].sort_values("expert")
             assert got.hits_topk.tolist() == want.tolist()
             assert (got.tokens == rows.sum()).all()
     # max_tokens stops early and keeps the tables consistent
     small = expert_tables(str(store.root), max_tokens=100)
-    assert (small["layer_stats"].tokens == 100).all()
-    assert small["experts_per_token"].groupby(["layer"]).tokens.sum().eq(100).all()
+    assert (small["layer_stats"].tokens == 100 - bos[:100].sum()).all()
+    assert (small["layer_stats"].bos_tokens == bos[:100].sum()).all()
+    assert small["experts_per_token"].groupby(["layer"]).tokens.sum().eq(100 - bos[:100].sum()).all()

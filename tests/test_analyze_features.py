@@ -194,14 +194,14 @@ DOC_COLUMNS = {
     "latent_experts": "latent layer expert count share base_share lift at_routed_layer",
     "expert_latents": "layer expert rank latent lift count",
     "expert_domain": "layer domain expert tokens hits_topk share_topk hits_top1 share_top1 uniform_topk uniform_top1 "
-                     "lift_topk",
+                     "lift_topk base_topk selectivity",
     "expert_stats": "layer expert load load_top1 mean_weight specialisation top_domain collapse_low collapse_high "
-                    "top_tokens top_token_shares",
+                    "top_tokens top_token_shares base_topk selectivity top_share hub_domains hub",
     "layer_stats": "layer n_experts top_k tokens load_cv load_entropy_norm max_vio switch_aux router_entropy "
-                   "repetition_rate domain_specialisation",
-    "domain_layer": "layer domain tokens router_entropy specialisation mean_active repetition_rate",
+                   "repetition_rate domain_specialisation domain_selectivity hubs bos_tokens",
+    "domain_layer": "layer domain tokens router_entropy specialisation mean_active repetition_rate selectivity owner",
     "experts_per_token": "layer domain n_active tokens fraction",
-    "position_profile": "layer bucket tokens router_entropy specialisation max_share",
+    "position_profile": "layer bucket tokens router_entropy specialisation max_share selectivity",
     "coactivation": "layer expert_i expert_j count rate",
 }
 
@@ -228,7 +228,7 @@ def test_analyze_end_to_end(sae, store, tiny_ckpt, tmp_path):
     assert sum(summary["domains"].values()) == 300 and summary["moe_layers"] == store.moe_layers
     settings = json.loads((out / "settings.json").read_text())
     assert {"tokens", "context_window", "top_contexts", "quantile_bins", "hist_bins", "min_vocab_count",
-            "feature_count"} <= set(settings)
+            "feature_count", "min_load_ratio"} <= set(settings) and settings["min_load_ratio"] == 0.5
     first = (out / "latents.parquet").stat().st_ino
     analyze(cfg)  # again: swapped in whole, no leftovers
     assert sorted(p.name for p in run.iterdir()) == ["analysis", "config.json", "eval.json", "sae.safetensors"]

@@ -240,7 +240,8 @@ def test_partial_analysis(tmp_path):
 def test_figures(built):
     run, _ = built
     a = load_analysis(run)
-    figs = [F.domain_expert_heatmap(a.expert_domain, 1, v) for v in F.HEATMAP_VALUES]
+    heats = {v: F.domain_expert_heatmap(a.expert_domain, 1, v) for v in F.HEATMAP_VALUES}
+    figs = [heats["share_topk"], heats["share_top1"], heats["lift_topk"], heats["lift_top1"]]
     figs += [F.domain_layer_heatmap(a.domain_layer), F.expert_load_bars(a.expert_stats, 3),
              F.coactivation_heatmap(a.coactivation, 1), F.position_profile(a.position_profile),
              F.experts_per_token(a.experts_per_token, 1),
@@ -249,9 +250,11 @@ def test_figures(built):
              F.latent_expert_lift(a.latent_experts, 0)]
     for fig in figs:
         assert isinstance(fig, go.Figure) and len(fig.data) >= 1
-    heat = figs[2]  # lift_topk
-    assert np.allclose(np.sort(np.asarray(heat.data[0].z, float).ravel()),
-                       np.sort(a.expert_domain[a.expert_domain["layer"] == 1]["lift_topk"].to_numpy()))
+    heat = heats["lift_topk"]  # a ratio: coloured by log2, the ratio itself in the hover data
+    lift = a.expert_domain[a.expert_domain["layer"] == 1]["lift_topk"].to_numpy()
+    assert np.allclose(np.sort(np.asarray(heat.data[0].customdata, float).ravel()), np.sort(lift))
+    assert np.allclose(np.sort(np.asarray(heat.data[0].z, float).ravel()), np.sort(np.log2(lift)))
+    assert heat.data[0].zmid == 0 and heat.data[0].zmin == -heat.data[0].zmax
     assert "q&amp;a|&lt;i&gt;x&lt;/i&gt;" in list(heat.data[0].y)  # corpus labels entity-escaped for plotly.js
     load = figs[5]
     assert list(load.data[0].marker.color)[3] == "#d62728"  # collapsed expert flagged

@@ -1,4 +1,4 @@
-"""Experts: domain specialisation, load balance, co-activation, cold start and top latents per expert."""
+"""Experts: domain specialisation (selectivity, hubs), load balance, co-activation, cold start, top latents."""
 
 from __future__ import annotations
 
@@ -13,17 +13,20 @@ st.title("Experts")
 st.caption("How the MoE routers use their experts on the analysed corpus (router records of the store).")
 layers = a.moe_layers
 if a.expert_domain.empty and a.expert_stats.empty:
-    st.info("This analysis has no expert tables (the store holds no router records).")
+    st.info("Dense model: no MoE layers, so no expert tables." if not a.has_experts else
+            "This analysis has no expert tables (the store holds no router records).")
     st.stop()
 
 c1, c2 = st.columns([2, 3], vertical_alignment="bottom")
 layer = c1.selectbox("MoE layer", layers, index=len(layers) // 2 if layers else None, key="layer",
                      format_func=lambda j: f"layer {j}")
-HEAT = {"top-k share": "share_topk", "top-1 share": "share_top1", "top-k lift": "lift_topk",
-        "top-1 lift": "lift_top1"}
-value = c2.segmented_control("Heatmap", list(HEAT), default="top-k lift", key="heat",
+HEAT = {"selectivity": "selectivity", "top-k share": "share_topk", "top-1 share": "share_top1",
+        "top-k lift": "lift_topk", "top-1 lift": "lift_top1"}
+value = c2.segmented_control("Heatmap", list(HEAT), default="selectivity", key="heat",
                              help="top-k: the expert is among the token's k choices; top-1: its first choice. "
-                                  "Lift = share / uniform (k/E or 1/E)") or "top-k lift"
+                                  "Lift = share / uniform (k/E or 1/E); selectivity = share / the expert's share "
+                                  "of all tokens. Ratios: log colour scale centred at 1.") or "selectivity"
+MIN_LOAD = facts.min_load_ratio(a)
 
 tab_spec, tab_load, tab_co, tab_lat = st.tabs(["Specialisation", "Load balance", "Co-activation & cold start",
                                                "Top latents per expert"])
@@ -31,33 +34,48 @@ tab_spec, tab_load, tab_co, tab_lat = st.tabs(["Specialisation", "Load balance",
 with tab_spec:
     if not a.expert_domain.empty:
         st.plotly_chart(F.domain_expert_heatmap(a.expert_domain, layer, HEAT[value]), key="dom_exp")
+    st.caption("Selectivity = the domain's top-k share / the expert's share of all tokens (1 = no preference). A "
+               "hub, in the top-k of more than half of the tokens of most domains, has a lift near E/k in every "
+               f"domain but a selectivity near 1; hubs and experts below {MIN_LOAD:g} x the uniform load 1/E are "
+               "not ranked as specialists. BOS tokens are left out.")
     if not a.domain_layer.empty:
         d1, d2 = st.columns(2)
-        d1.plotly_chart(F.domain_layer_heatmap(a.domain_layer, "specialisation"), key="dl_spec")
+        first = "selectivity" if "selectivity" in a.domain_layer else "specialisation"
+        d1.plotly_chart(F.domain_layer_heatmap(a.domain_layer, first), key="dl_spec")
         d2.plotly_chart(F.domain_layer_heatmap(a.domain_layer, "router_entropy"), key="dl_ent")
     if not a.expert_stats.empty:
-        st.markdown("**Specialisation scores** (max over domains of top-k share / uniform)")
+        st.markdown("**Experts of this layer** (most selective first; lift = top domain's share / (k/E))")
         es = a.expert_stats[a.expert_stats["layer"] == layer].copy()
         if "top_tokens" in es:
             es["top_tokens"] = es["top_tokens"].map(lambda v: [visible(x) for x in (v if v is not None else [])])
-        cols = [c for c in ("expert", "specialisation", "top_domain", "load", "load_top1", "mean_weight",
-                            "top_tokens") if c in es]
-        st.dataframe(es[cols].sort_values("specialisation", ascending=False), hide_index=True, width="stretch",
-                     column_config={"specialisation": st.column_config.ProgressColumn(
-                         "specialisation", format="%.2f", min_value=0.0,
-                         max_value=float(max(a.expert_stats["specialisation"].max(), 1.0))),
+        by = "selectivity" if "selectivity" in es else "specialisation"
+        cols = [c for c in ("expert", "selectivity", "top_domain", "top_share", "specialisation", "hub", "load",
+                            "load_top1", "mean_weight", "top_tokens") if c in es]
+        st.dataframe(es[cols].sort_values(by, ascending=False), hide_index=True, width="stretch",
+                     column_config={by: st.column_config.ProgressColumn(
+                         by, format="%.2f", min_value=0.0,
+                         max_value=float(max(a.expert_stats[by].max(), 1.0))),
+                         "specialisation": st.column_config.NumberColumn("lift", format="%.2f"),
+                         "top_share": st.column_config.NumberColumn("top share", format="%.3f"),
                          "load": st.column_config.NumberColumn("load", format="%.4f"),
                          "load_top1": st.column_config.NumberColumn("load top-1", format="%.4f"),
                          "mean_weight": st.column_config.NumberColumn("mean weight", format="%.3f"),
                          "top_tokens": st.column_config.ListColumn("vocabulary specialisation")})
-        st.markdown("**Most specialised experts, all layers**")
+        st.markdown("**Most specialised experts, all layers** (by selectivity)")
         st.dataframe(facts.most_specialised(a, 10).drop(columns=["top_tokens"], errors="ignore"),
-                     hide_index=True, width="stretch")
+                     hide_index=True, width="stretch", key="most_specialised")
+        hubs = facts.hubs(a)
+        if hubs.empty:
+            st.caption("No hub: no expert is in the top-k of most tokens of most domains.")
+        else:
+            st.markdown(f"**{len(hubs)} hubs** (all layers; share_all = fraction of all tokens with the expert "
+                        "in their top-k)")
+            st.dataframe(hubs, hide_index=True, width="stretch", key="hubs")
 
 with tab_load:
     if not a.expert_stats.empty:
         st.plotly_chart(F.expert_load_bars(a.expert_stats, layer), key="load")
-        st.caption("Red: collapsed (load < 0.1 x uniform); orange: overloaded (load > 3 x uniform).")
+        st.caption("Red: collapsed (load < 0.1 x uniform); purple: hub; orange: overloaded (load > 3 x uniform).")
         col = facts.collapsed(a)
         if col.empty:
             st.success("No collapsed or overloaded experts.")
@@ -86,8 +104,8 @@ with tab_co:
         metric = st.radio("Cold-start metric", list(F.POSITION_METRICS), horizontal=True, key="pos_metric",
                           format_func=lambda k: F.POSITION_METRICS[k])
         st.plotly_chart(F.position_profile(a.position_profile, metric), key="pos")
-        st.caption("Router behaviour by position in the document (BOS = 0): the first tokens are often routed "
-                   "differently.")
+        st.caption("Router behaviour by position in the document: the first tokens are often routed differently. "
+                   "BOS, the same token at the start of every document, is shown apart.")
 
 with tab_lat:
     el = a.expert_latents

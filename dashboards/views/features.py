@@ -71,9 +71,9 @@ def table_view() -> None:
     layers = sorted({int(x) for x in t["top_routed_layer"].dropna()}) if "top_routed_layer" in t else []
     lay = f3.multiselect("Routed layer", layers, key="lay")
     experts = sorted({str(x) for x in t["expert"].dropna()}) if "expert" in t else []
-    exp = f4.multiselect("Top expert", experts, key="exp")
+    exp = f4.multiselect("Top expert", experts, key="exp") if "expert" in t else []  # none for a dense model
     o1, o2, o3, o4 = st.columns([2, 2, 2, 2], vertical_alignment="bottom")
-    sort = o1.selectbox("Sort by", list(SORTS), key="sort")
+    sort = o1.selectbox("Sort by", [k for k, c in SORTS.items() if c in t], key="sort")
     desc = o2.toggle("descending", value=True, key="desc")
     live = o3.toggle("hide dead latents", value=True, key="live")
     interp = o4.toggle("interpretable only", value=False, key="interp")
@@ -136,17 +136,18 @@ def feature_view(latent: int) -> None:
         st.info("This latent never fired on the analysed tokens (dead).")
 
     # ---- facts
-    m = st.columns(6)
+    expert = facts.top_expert(r)  # None: a dense model, or no MoE layer at or below the routed layer
+    m = st.columns(6 if a.has_experts else 5)
     m[0].metric("density", facts.num(r.get("density"), 3))
     m[1].metric("max act", facts.num(r.get("max_act"), 3))
     m[2].metric("mean act", facts.num(r.get("mean_act"), 3))
     m[3].metric("top domain", facts.num(r.get("top_domain")), f"lift {facts.num(r.get('top_domain_lift'), 3)}",
                 delta_color="off", delta_arrow="off")
     m[4].metric("routed layer", facts.num(r.get("top_routed_layer")))
-    ex = (f"L{int(r['top_expert_layer'])} E{int(r['top_expert'])}"
-          if scalar(r.get("top_expert")) is not None and scalar(r.get("top_expert_layer")) is not None else "-")
-    m[5].metric("top expert", ex, f"lift {facts.num(r.get('top_expert_lift'), 3)}", delta_color="off",
-                delta_arrow="off")
+    if a.has_experts:
+        m[5].metric("top expert", f"L{expert[0]} E{expert[1]}" if expert else "none",
+                    f"lift {facts.num(r.get('top_expert_lift'), 3)}" if expert else None, delta_color="off",
+                    delta_arrow="off", help=None if expert else "no MoE layer at or below the routed layer")
     tok = scalar(r.get("top_token"))
     st.markdown(f"**Top token:** {md_text(tok) if tok is not None else '-'} · interpretable: "
                 f"{facts.num(r.get('interpretable'))}")
@@ -180,8 +181,9 @@ def feature_view(latent: int) -> None:
     g3, g4 = st.columns(2)
     ld = rows(a.latent_domains, ix.latent_domains, latent)
     g3.plotly_chart(F.latent_domain_lift(ld, latent), key="dlift")
-    le = rows(a.latent_experts, ix.latent_experts, latent)
-    g4.plotly_chart(F.latent_expert_lift(le, latent), key="elift")
+    if a.has_experts:
+        le = rows(a.latent_experts, ix.latent_experts, latent)
+        g4.plotly_chart(F.latent_expert_lift(le, latent), key="elift")
     g5, g6 = st.columns(2)
     g5.plotly_chart(logit_lens(r), key="logit")
 

@@ -21,9 +21,12 @@ c1, c2, c3 = st.columns(3)
 with c1.container(border=True):
     st.subheader("Model")
     st.markdown(f"**{md_text(a.model_name)}**")
-    st.markdown(f"MoE layers: {md_text(', '.join(map(str, a.moe_layers)) or '-')}  \n"
-                f"experts per layer: {md_text(s.get('n_experts') or '-')} · router top-k: "
-                f"{md_text(s.get('top_k') or '-')}")
+    if a.has_experts:
+        st.markdown(f"MoE layers: {md_text(', '.join(map(str, a.moe_layers)) or '-')}  \n"
+                    f"experts per layer: {md_text(s.get('n_experts') or '-')} · router top-k: "
+                    f"{md_text(s.get('top_k') or '-')}")
+    else:
+        st.markdown("Dense model (no MoE layers)")
 with c2.container(border=True):
     st.subheader("Corpus")
     dom = s.get("domains") or {}

@@ -126,8 +126,8 @@ except Exception as exc:  # noqa: BLE001 - a broken checkpoint or a mismatched S
     st.stop()
 
 tokens = r["tokens"]
-st.markdown(f"**{len(tokens)} tokens** · MoE layers {md_text(', '.join(map(str, r['moe_layers'])) or 'none')} · "
-            f"SAE layers {md_text(', '.join(map(str, r['sae_layers'])))}")
+moe = f"MoE layers {md_text(', '.join(map(str, r['moe_layers'])))} · " if r["moe_layers"] else "dense model · "
+st.markdown(f"**{len(tokens)} tokens** · {moe}SAE layers {md_text(', '.join(map(str, r['sae_layers'])))}")
 if r["moe_layers"]:
     st.plotly_chart(token_expert_heatmap(tokens, r["moe_layers"], r["first"], r["hover"], r["n_experts"]),
                     key="tok_experts")

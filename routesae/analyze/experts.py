@@ -8,9 +8,16 @@ are sized by the vocabulary). :func:`expert_tables` streams a store shard by sha
 Definitions (REFERENCE §7; k = the store's ``top_k``, E = ``n_experts``; only ids ``0..E-1``
 count as experts, so ``-1`` padding and zero-computation experts are ignored):
 
-- ``share_topk(D, i)`` = tokens of domain D whose top-k includes i / tokens of D; uniform k/E.
-  ``share_top1`` uses the first choice (the slot with the largest weight); uniform 1/E.
-- specialisation = max over domains (or experts) of share_topk / (k/E).
+- BOS: a token at position 0 whose id is the store's ``bos_token_id`` (every document starts with
+  it, so it is routed the same way every time). BOS tokens are left out of every table and
+  reported apart, as the position bucket ``"BOS"`` of ``position_profile``; ``layer_stats`` counts
+  them in ``bos_tokens``. Without a BOS token (``bos_token_id`` None) position 0 is the first real
+  token and counts like any other. N below = the tokens that are not BOS.
+- ``share_topk(D, i)`` = tokens of domain D whose top-k includes i / tokens of D; uniform k/E;
+  ``lift_topk`` = share_topk / (k/E). ``share_top1`` uses the first choice (the slot with the
+  largest weight); uniform 1/E.
+- ``base_topk(i)`` = N_k(E_i) / N; ``selectivity(D, i)`` = share_topk(D, i) / base_topk(i) and hubs:
+  :mod:`routesae.analyze.specialists`. ``specialisation`` = max over domains (or experts) of the lift.
 - ``load_i`` = expert i's top-k hits / all top-k hits (sums to 1); collapse flags compare it with
   the uniform share 1/E (below 0.1/E, above 3/E). ``load_cv``, ``load_entropy_norm`` and
   ``max_vio`` are computed on this load.
@@ -20,17 +27,17 @@ count as experts, so ``-1`` padding and zero-computation experts are ignored):
   GPT-OSS / Granite (which softmax over the top-k only) and DeepSeek-V3 (sigmoid scores);
   NaN when the store was captured without logits.
 - ``repetition_rate`` = of the pairs of consecutive tokens in the same context that both have a
-  first choice, the fraction with equal first choices; per domain, a pair counts for the domain
-  of its second token.
-- position buckets "0".."7" and "8+" use ``position`` (position in the document, BOS = 0).
+  first choice (BOS has none), the fraction with equal first choices; per domain, a pair counts for
+  the domain of its second token.
+- position buckets "0".."7" and "8+" use ``position`` (position in the document); "BOS" holds BOS.
 
 Example::
 
     from routesae.analyze import expert_tables
     tables = expert_tables("runs/olmoe/store", max_tokens=200_000)
-    tables["layer_stats"][["layer", "load_cv", "switch_aux", "router_entropy"]]
+    tables["layer_stats"][["layer", "load_cv", "switch_aux", "router_entropy", "hubs"]]
     ed = tables["expert_domain"]
-    ed[ed.layer == 0].pivot(index="expert", columns="domain", values="lift_topk")
+    ed[ed.layer == 0].pivot(index="expert", columns="domain", values="selectivity")
 """
 
 from __future__ import annotations
@@ -51,11 +58,13 @@ from routesae.analyze.expert_metrics import (
     repetition_pairs,
     switch_aux,
 )
+from routesae.analyze.specialists import HUB_SHARE, MIN_LOAD_RATIO, eligible, hub_domains, is_hub
 from routesae.store import Store, StoreError
 from routesae.store_contexts import token_part
 
-N_BUCKETS = 9  # positions 0..7 and 8+
-BUCKETS = [str(i) for i in range(8)] + ["8+"]
+N_BUCKETS = 10  # positions 0..7, 8+ and BOS
+BUCKETS = [str(i) for i in range(8)] + ["8+", "BOS"]
+BOS_BUCKET = 9
 TOP_TOKENS = 10
 _HIST = 256  # n_active is uint8
 
@@ -72,15 +81,21 @@ class ExpertStats:
     and the chunk's token rows in corpus order (columns ``token_id, token, position, context,
     domain``). Chunks must arrive in corpus order; a context may continue into the next chunk.
 
-    State: fixed-size counters only, ``[L, D, E]`` hits, ``[L, E, E]`` co-activation, ``[L, 9, E]``
+    ``bos_token_id``: the store's BOS id; BOS tokens (that id at position 0) go to the "BOS" position
+    bucket only (module docstring). None: no token is treated as BOS.
+
+    State: fixed-size counters only, ``[L, D, E]`` hits, ``[L, E, E]`` co-activation, ``[L, 10, E]``
     position buckets, ``[L, D, 256]`` experts-per-token histograms, and ``[L, V, E]`` int32
     vocabulary counts (V = ``vocab_size``, grown to the largest token id seen; about 200 MB for
     OLMoE's 16 layers x 50k ids x 64 experts). :meth:`state_nbytes` reports the total.
     """
 
-    def __init__(self, moe_layers: list[int], n_experts: int, top_k: int, vocab_size: int = 0):
+    def __init__(self, moe_layers: list[int], n_experts: int, top_k: int, vocab_size: int = 0,
+                 bos_token_id: int | None = None):
         self.moe_layers = [int(x) for x in moe_layers]
         self.E, self.k = int(n_experts), int(top_k)
+        self.bos = None if bos_token_id is None else int(bos_token_id)
+        self.bos_tokens = np.zeros(1, np.int64)
         L, E = len(self.moe_layers), self.E
         self.domains: list[str] = []
         self.dom_tokens = np.zeros(0, np.int64)                   # [D]
@@ -141,43 +156,51 @@ class ExpertStats:
         w = _np(router["weights"]).astype(np.float32)
         n_active = _np(router["n_active"]).astype(np.int64)
         logits = router.get("logits")
-        dom = self._domain_codes(tokens["domain"])
+        dom_all = self._domain_codes(tokens["domain"])
         D = len(self.domains)
-        tok = tokens["token_id"].to_numpy().astype(np.int64)
-        self._grow_vocab(int(tok.max()) + 1)
+        tok_all = tokens["token_id"].to_numpy().astype(np.int64)
+        pos = tokens["position"].to_numpy().astype(np.int64)
+        bos = (pos == 0) & (tok_all == self.bos) if self.bos is not None else np.zeros(n, bool)
+        keep = ~bos                                    # the rows every table but the BOS bucket counts
+        dom, tok = dom_all[keep], tok_all[keep]
+        self.bos_tokens += int(bos.sum())
+        self._grow_vocab(int(tok_all.max()) + 1)
         seen = np.unique(tok)
         missing = seen[pd.isna(self.vocab_text[seen])]
         if len(missing):
-            first = pd.Series(np.arange(n), index=tok).groupby(level=0).first()
-            self.vocab_text[missing] = tokens["token"].to_numpy()[first.loc[missing].to_numpy()]
+            first = pd.Series(np.arange(len(tok)), index=tok).groupby(level=0).first()
+            self.vocab_text[missing] = tokens["token"].to_numpy()[keep][first.loc[missing].to_numpy()]
         V = self.vocab_tokens.shape[0]
         self.vocab_tokens += np.bincount(tok, minlength=V)
         self.dom_tokens += np.bincount(dom, minlength=D)
-        bucket = np.minimum(tokens["position"].to_numpy().astype(np.int64), N_BUCKETS - 1)
+        bucket = np.where(bos, BOS_BUCKET, np.minimum(pos, BOS_BUCKET - 1))
         self.bucket_tokens += np.bincount(bucket, minlength=N_BUCKETS)
         context = tokens["context"].to_numpy().astype(np.int64)
         # pairs (t-1, t): with a carried token the chunk's first row pairs with it
         ctx_ext = np.concatenate([self.carry_context, context]) if self.carry_valid[0] else context
         for li in range(L):
-            hot = multi_hot(idx[:, li], E)
+            hot_all = multi_hot(idx[:, li], E)
+            rows, ex = np.nonzero(hot_all)
+            self.bucket_hits[li] += np.bincount(bucket[rows] * E + ex, minlength=N_BUCKETS * E).reshape(N_BUCKETS, E)
+            hot = hot_all[keep]
             rows, ex = np.nonzero(hot)
             self.hits_topk[li] += np.bincount(dom[rows] * E + ex, minlength=D * E).reshape(D, E)
-            self.bucket_hits[li] += np.bincount(bucket[rows] * E + ex, minlength=N_BUCKETS * E).reshape(N_BUCKETS, E)
             keys, counts = np.unique(tok[rows] * E + ex, return_counts=True)  # O(n k), not O(V E)
             self.vocab_hits[li].reshape(-1)[keys] += counts.astype(np.int32)
-            valid = (idx[:, li] >= 0) & (idx[:, li] < E)
-            r, s = np.nonzero(valid)
-            self.weight_sum[li] += np.bincount(idx[r, li, s], weights=w[r, li, s], minlength=E)
-            fc = first_choice(idx[:, li], w[:, li], E)
-            has = fc >= 0
-            self.hits_top1[li] += np.bincount(dom[has] * E + fc[has], minlength=D * E).reshape(D, E)
+            ik = idx[keep, li]
+            r, s = np.nonzero((ik >= 0) & (ik < E))
+            self.weight_sum[li] += np.bincount(ik[r, s], weights=w[keep, li][r, s], minlength=E)
+            fc = np.where(bos, -1, first_choice(idx[:, li], w[:, li], E))  # BOS has no first choice here
+            fk = fc[keep]
+            has = fk >= 0
+            self.hits_top1[li] += np.bincount(dom[has] * E + fk[has], minlength=D * E).reshape(D, E)
             m = hot.astype(np.float32)
             self.coact[li] += np.rint(m.T @ m).astype(np.int64)
-            self.active_hist[li] += np.bincount(dom * _HIST + np.minimum(n_active[:, li], _HIST - 1),
+            self.active_hist[li] += np.bincount(dom * _HIST + np.minimum(n_active[keep, li], _HIST - 1),
                                                 minlength=D * _HIST).reshape(D, _HIST)
             fc_ext = np.concatenate([self.carry_first[li:li + 1], fc]) if self.carry_valid[0] else fc
             counted, repeated = repetition_pairs(fc_ext, ctx_ext)
-            second = dom[n - len(counted):]  # the domain of each pair's second token
+            second = dom_all[n - len(counted):]  # the domain of each pair's second token
             self.rep_pairs[li] += np.bincount(second[counted], minlength=D)
             self.rep_same[li] += np.bincount(second[repeated], minlength=D)
             self.carry_first[li] = fc[-1]
@@ -186,8 +209,8 @@ class ExpertStats:
                 logp = torch.log_softmax(x, -1)
                 p = logp.exp()
                 ent = (-(p * logp).sum(-1)).double().numpy()
-                self.prob_sum[li] += p[:, :self.E].double().sum(0).numpy()  # LongCat: + zero experts
-                self.ent_sum[li] += np.bincount(dom, weights=ent, minlength=D)
+                self.prob_sum[li] += p[torch.as_tensor(keep), :self.E].double().sum(0).numpy()  # no zero experts
+                self.ent_sum[li] += np.bincount(dom, weights=ent[keep], minlength=D)
                 self.ent_tokens[li] += np.bincount(dom, minlength=D)
                 self.bucket_ent_sum[li] += np.bincount(bucket, weights=ent, minlength=N_BUCKETS)
                 self.bucket_ent_tokens[li] += np.bincount(bucket, minlength=N_BUCKETS)
@@ -199,50 +222,60 @@ class ExpertStats:
         return sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray))
 
     # ------------------------------------------------------------------ tables
-    def tables(self, min_vocab_count: int = 20, top_tokens: int = TOP_TOKENS) -> dict[str, pd.DataFrame]:
-        """The seven expert tables of docs/analysis.md, keyed by file stem."""
+    def tables(self, min_vocab_count: int = 20, top_tokens: int = TOP_TOKENS,
+               min_load_ratio: float = MIN_LOAD_RATIO, hub_share: float = HUB_SHARE) -> dict[str, pd.DataFrame]:
+        """The seven expert tables of docs/analysis.md, keyed by file stem.
+
+        ``min_load_ratio`` and ``hub_share``: which experts may own a domain (``domain_layer.owner``,
+        see :mod:`routesae.analyze.specialists`)."""
         L, E, k = len(self.moe_layers), self.E, self.k
         D = len(self.domains)
         layers = np.asarray(self.moe_layers, np.int64)
-        doms = np.asarray(self.domains, dtype=object)
+        doms = np.asarray(self.domains, dtype=object).astype(str) if D else np.array([], str)
         uk, u1 = k / E, 1.0 / E
         n_tok = int(self.dom_tokens.sum())
         dt = self.dom_tokens.astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            share_k = self.hits_topk / np.where(dt > 0, dt, np.nan)[None, :, None]   # [L, D, E]
-            share_1 = self.hits_top1 / np.where(dt > 0, dt, np.nan)[None, :, None]
-        grid = np.meshgrid(np.arange(L), np.arange(D), np.arange(E), indexing="ij")
-        li, di, ei = (g.ravel() for g in grid)
-        expert_domain = pd.DataFrame({
-            "layer": layers[li], "domain": doms[di].astype(str) if D else np.array([], str), "expert": ei,
-            "tokens": self.dom_tokens[di], "hits_topk": self.hits_topk.ravel(), "share_topk": share_k.ravel(),
-            "hits_top1": self.hits_top1.ravel(), "share_top1": share_1.ravel(),
-            "uniform_topk": np.full(li.size, uk), "uniform_top1": np.full(li.size, u1),
-            "lift_topk": lift(share_k, uk).ravel()})
-
-        # per expert
         hits = self.hits_topk.sum(1)                                     # [L, E]
         top1 = self.hits_top1.sum(1)
         with np.errstate(invalid="ignore", divide="ignore"):
+            share_k = self.hits_topk / np.where(dt > 0, dt, np.nan)[None, :, None]   # [L, D, E]
+            share_1 = self.hits_top1 / np.where(dt > 0, dt, np.nan)[None, :, None]
+            base = hits / n_tok if n_tok else np.full((L, E), np.nan)              # [L, E] N_k(E_i) / N
             load = hits / hits.sum(1, keepdims=True)
             load1 = top1 / top1.sum(1, keepdims=True)
             mean_w = np.where(hits > 0, self.weight_sum / np.maximum(hits, 1), np.nan)
         spec = lift(share_k, uk)                                         # [L, D, E]
+        sel = lift(share_k, base[:, None, :])                            # [L, D, E] selectivity
+        n_over, n_dom = hub_domains(share_k, hub_share)                  # [L, E]
+        hub = is_hub(n_over, n_dom)
+        ok = eligible(load, hub, E, min_load_ratio)                      # [L, E] may own a domain
+        grid = np.meshgrid(np.arange(L), np.arange(D), np.arange(E), indexing="ij")
+        li, di, ei = (g.ravel() for g in grid)
+        expert_domain = pd.DataFrame({
+            "layer": layers[li], "domain": doms[di], "expert": ei,
+            "tokens": self.dom_tokens[di], "hits_topk": self.hits_topk.ravel(), "share_topk": share_k.ravel(),
+            "hits_top1": self.hits_top1.ravel(), "share_top1": share_1.ravel(),
+            "uniform_topk": np.full(li.size, uk), "uniform_top1": np.full(li.size, u1),
+            "lift_topk": spec.ravel(), "base_topk": base[li, ei], "selectivity": sel.ravel()})
+
+        # per expert: its top domain (the largest share, so the largest lift and selectivity too)
         if D:
-            best = np.nan_to_num(spec, nan=-np.inf).argmax(1)            # [L, E]
-            exp_spec = np.take_along_axis(spec, best[:, None, :], 1)[:, 0]
-            top_dom = doms[best].astype(str)
+            best = np.nan_to_num(share_k, nan=-np.inf).argmax(1)         # [L, E]
+            pick = lambda a: np.take_along_axis(a, best[:, None, :], 1)[:, 0]  # noqa: E731
+            exp_spec, exp_sel, top_share, top_dom = pick(spec), pick(sel), pick(share_k), doms[best]
         else:
-            exp_spec, top_dom = np.full((L, E), np.nan), np.full((L, E), "", dtype=object)
+            exp_spec = exp_sel = top_share = np.full((L, E), np.nan)
+            top_dom = np.full((L, E), "", dtype=object)
         tt, ts = self._top_tokens(min_vocab_count, top_tokens)
         gl, ge = (g.ravel() for g in np.meshgrid(np.arange(L), np.arange(E), indexing="ij"))
         expert_stats = pd.DataFrame({
             "layer": layers[gl], "expert": ge, "load": load.ravel(), "load_top1": load1.ravel(),
             "mean_weight": mean_w.ravel(), "specialisation": exp_spec.ravel(), "top_domain": top_dom.ravel(),
             "collapse_low": (load < 0.1 * u1).ravel(), "collapse_high": (load > 3 * u1).ravel(),
-            "top_tokens": tt, "top_token_shares": ts})
+            "top_tokens": tt, "top_token_shares": ts, "base_topk": base.ravel(), "selectivity": exp_sel.ravel(),
+            "top_share": top_share.ravel(), "hub_domains": n_over.ravel(), "hub": hub.ravel()})
 
-        # per (layer, domain)
+        # per (layer, domain): the owner = the most selective eligible expert
         with np.errstate(invalid="ignore", divide="ignore"):
             ent_d = self.ent_sum / np.where(self.ent_tokens > 0, self.ent_tokens, np.nan)
             rep_d = self.rep_same / np.where(self.rep_pairs > 0, self.rep_pairs, np.nan)
@@ -250,11 +283,16 @@ class ExpertStats:
             nvals = np.arange(_HIST)
             mean_act = (self.active_hist * nvals).sum(2) / np.where(hist_tot > 0, hist_tot, np.nan)
         dom_spec = np.nanmax(spec, 2) if E and D else np.full((L, D), np.nan)
+        own_sel = np.where(ok[:, None, :] & (np.nan_to_num(sel) > 0), sel, -np.inf)  # [L, D, E]
+        owner = own_sel.argmax(2) if E else np.zeros((L, D), np.int64)
+        dom_sel = np.take_along_axis(own_sel, owner[..., None], 2)[..., 0] if E else np.full((L, D), -np.inf)
+        owner = np.where(np.isfinite(dom_sel), owner, -1)
+        dom_sel = np.where(np.isfinite(dom_sel), dom_sel, np.nan)
         dl, dd = (g.ravel() for g in np.meshgrid(np.arange(L), np.arange(D), indexing="ij"))
         domain_layer = pd.DataFrame({
-            "layer": layers[dl], "domain": doms[dd].astype(str) if D else np.array([], str),
-            "tokens": self.dom_tokens[dd], "router_entropy": ent_d.ravel(), "specialisation": dom_spec.ravel(),
-            "mean_active": mean_act.ravel(), "repetition_rate": rep_d.ravel()})
+            "layer": layers[dl], "domain": doms[dd], "tokens": self.dom_tokens[dd], "router_entropy": ent_d.ravel(),
+            "specialisation": dom_spec.ravel(), "mean_active": mean_act.ravel(), "repetition_rate": rep_d.ravel(),
+            "selectivity": dom_sel.ravel(), "owner": owner.ravel().astype(np.int64)})
 
         # per layer
         rows = []
@@ -269,31 +307,37 @@ class ExpertStats:
                 "max_vio": max_vio(hits[i]), "switch_aux": switch_aux(f, P) if et else float("nan"),
                 "router_entropy": float(self.ent_sum[i].sum() / et) if et else float("nan"),
                 "repetition_rate": float(self.rep_same[i].sum() / pairs) if pairs else float("nan"),
-                "domain_specialisation": float(np.nanmean(dom_spec[i])) if D else float("nan")})
+                "domain_specialisation": float(np.nanmean(dom_spec[i])) if D else float("nan"),
+                "domain_selectivity": float(np.nanmean(dom_sel[i])) if np.isfinite(dom_sel[i]).any() else float("nan"),
+                "hubs": int(hub[i].sum()), "bos_tokens": int(self.bos_tokens[0])})
         layer_stats = pd.DataFrame(rows, columns=["layer", "n_experts", "top_k", "tokens", "load_cv",
                                                   "load_entropy_norm", "max_vio", "switch_aux", "router_entropy",
-                                                  "repetition_rate", "domain_specialisation"])
+                                                  "repetition_rate", "domain_specialisation", "domain_selectivity",
+                                                  "hubs", "bos_tokens"])
 
         # experts per token
         hl, hd, hn = np.nonzero(self.active_hist)
         cnt = self.active_hist[hl, hd, hn]
         experts_per_token = pd.DataFrame({
-            "layer": layers[hl], "domain": doms[hd].astype(str) if D else np.array([], str), "n_active": hn,
+            "layer": layers[hl], "domain": doms[hd], "n_active": hn,
             "tokens": cnt, "fraction": cnt / np.maximum(hist_tot[hl, hd], 1)})
 
-        # position profile (non-empty buckets)
+        # position profile (non-empty buckets; BOS apart)
         bt = self.bucket_tokens.astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
-            bshare = self.bucket_hits / np.where(bt > 0, bt, np.nan)[None, :, None]
+            bshare = self.bucket_hits / np.where(bt > 0, bt, np.nan)[None, :, None]   # [L, B, E]
             bent = self.bucket_ent_sum / np.where(self.bucket_ent_tokens > 0, self.bucket_ent_tokens, np.nan)
         bmax = bshare.max(2) if E else np.full((L, N_BUCKETS), np.nan)
+        bsel = np.where(ok[:, None, :], lift(bshare, base[:, None, :]), np.nan)
+        bsel = np.nanmax(np.where(np.isfinite(bsel), bsel, -np.inf), 2) if E else np.full((L, N_BUCKETS), -np.inf)
         pl, pb = (g.ravel() for g in np.meshgrid(np.arange(L), np.arange(N_BUCKETS), indexing="ij"))
         keep = self.bucket_tokens[pb] > 0
         pl, pb = pl[keep], pb[keep]
         position_profile = pd.DataFrame({
             "layer": layers[pl], "bucket": np.asarray(BUCKETS, dtype=object)[pb].astype(str),
             "tokens": self.bucket_tokens[pb], "router_entropy": bent[pl, pb],
-            "specialisation": lift(bmax[pl, pb], uk), "max_share": bmax[pl, pb]})
+            "specialisation": lift(bmax[pl, pb], uk), "max_share": bmax[pl, pb],
+            "selectivity": np.where(np.isfinite(bsel[pl, pb]), bsel[pl, pb], np.nan)})
 
         # co-activation
         cl, ci, cj = (g.ravel() for g in np.meshgrid(np.arange(L), np.arange(E), np.arange(E), indexing="ij"))
@@ -324,19 +368,21 @@ class ExpertStats:
         return names, shares
 
 
-def expert_tables(store: Store | str | Path, max_tokens: int | None = None,
-                  min_vocab_count: int = 20) -> dict[str, pd.DataFrame]:
+def expert_tables(store: Store | str | Path, max_tokens: int | None = None, min_vocab_count: int = 20,
+                  min_load_ratio: float = MIN_LOAD_RATIO) -> dict[str, pd.DataFrame]:
     """Stream ``store`` shard by shard (router + that shard's tokens only) and return the expert tables.
 
-    ``max_tokens`` stops after that many tokens (in corpus order). Entropy and ``switch_aux`` are NaN
-    when the store has no router logits.
+    ``max_tokens`` stops after that many tokens (in corpus order, BOS included). Entropy and
+    ``switch_aux`` are NaN when the store has no router logits. BOS = the manifest's ``bos_token_id``.
     """
     store = store if isinstance(store, Store) else Store(store)
     man = store.manifest
     if not store.moe_layers or not man.get("n_experts"):
         raise StoreError(f"store {store.root} has no MoE layers; expert tables need router records")
     vocab = int((man.get("model") or {}).get("vocab_size") or 0)
-    stats = ExpertStats(store.moe_layers, int(man["n_experts"]), int(man["top_k"]), vocab)
+    bos = man.get("bos_token_id")
+    stats = ExpertStats(store.moe_layers, int(man["n_experts"]), int(man["top_k"]), vocab,
+                        bos_token_id=None if bos is None else int(bos))
     done = 0
     cols = ["token_id", "token", "position", "context", "domain"]
     for shard in store.shards:
@@ -351,4 +397,4 @@ def expert_tables(store: Store | str | Path, max_tokens: int | None = None,
             tokens = tokens.iloc[:m]
         stats.update(router, tokens)
         done += len(tokens)
-    return stats.tables(min_vocab_count=min_vocab_count)
+    return stats.tables(min_vocab_count=min_vocab_count, min_load_ratio=min_load_ratio)

@@ -30,6 +30,7 @@ from typing import Any
 import pandas as pd
 
 from routesae.analyze.features import FEATURE_COUNT, feature_tables
+from routesae.analyze.specialists import MIN_LOAD_RATIO
 from routesae.atomic import atomic_path, atomic_write_json
 from routesae.evaluate import checked_model, load_run, store_model
 from routesae.models.load import resolve_device
@@ -45,7 +46,9 @@ DENSE = 0.1  # a latent active on more than 10% of the tokens counts as dense
 class AnalyzeConfig:
     """What to analyse. ``store``: default the one in RUN/train_config.json. ``model``: default the
     store's model when that folder exists locally (for the logit lens; ``with_model=False`` skips it).
-    ``tokens``: default 200k or the whole store. ``window``: tokens either side of a context's centre."""
+    ``tokens``: default 200k or the whole store. ``window``: tokens either side of a context's centre.
+    ``min_load_ratio``: an expert may own a domain (``domain_layer.owner``) and be ranked as a specialist
+    when its load is at least this multiple of the uniform 1/E (:mod:`routesae.analyze.specialists`)."""
 
     run: str
     store: str | None = None
@@ -61,6 +64,7 @@ class AnalyzeConfig:
     device: str = "auto"
     with_model: bool = True
     seed: int = 0
+    min_load_ratio: float = MIN_LOAD_RATIO
 
 
 def _write_parquet(path: Path, df: pd.DataFrame) -> None:
@@ -88,6 +92,9 @@ def analyze(cfg: AnalyzeConfig, model=None, tokenizer=None) -> Path:
     n_tokens = min(cfg.tokens or DEFAULT_TOKENS, store.n_tokens)
     if n_tokens < 1 or cfg.batch_tokens < 1 or cfg.top_contexts < 1 or cfg.quantile_bins < 1 or cfg.hist_bins < 1:
         raise StoreError("--tokens, --batch-tokens, --top-contexts, --quantile-bins and --hist-bins must be positive")
+    if not cfg.min_load_ratio >= 0:
+        raise StoreError(f"--min-load-ratio {cfg.min_load_ratio}: give a number >= 0 (e.g. 0.5 = half the uniform "
+                         f"load 1/E)")
     check = None
     if cfg.with_model:  # the logit lens's model, checked against the store on its first context
         model, tok, _, check = checked_model(cfg, store, c.layers, model, dtype="float32", contexts=1)
@@ -102,7 +109,8 @@ def analyze(cfg: AnalyzeConfig, model=None, tokenizer=None) -> Path:
     if store.moe_layers and store.manifest.get("n_experts"):
         from routesae.analyze.experts import expert_tables
 
-        tables.update(expert_tables(store, max_tokens=n_tokens, min_vocab_count=MIN_VOCAB_COUNT))
+        tables.update(expert_tables(store, max_tokens=n_tokens, min_vocab_count=MIN_VOCAB_COUNT,
+                                    min_load_ratio=cfg.min_load_ratio))
     fc_row = tables.pop("feature_count").iloc[0].to_dict()
     fc_settings = {**FEATURE_COUNT, "threshold_value": float(cfg.fire_fraction)}
     lat = tables["latents"]
@@ -120,7 +128,7 @@ def analyze(cfg: AnalyzeConfig, model=None, tokenizer=None) -> Path:
     settings = {"tokens": int(fc_row["tokens"]), "context_window": cfg.window, "top_contexts": cfg.top_contexts,
                 "quantile_bins": cfg.quantile_bins, "quantile_samples": cfg.quantile_samples,
                 "hist_bins": cfg.hist_bins, "min_vocab_count": MIN_VOCAB_COUNT, "feature_count": fc_settings,
-                "dense_threshold": DENSE, "config": asdict(cfg)}
+                "dense_threshold": DENSE, "min_load_ratio": cfg.min_load_ratio, "config": asdict(cfg)}
     final, tmp = run / "analysis", run / "analysis.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from routesae.analyze.specialists import MIN_LOAD_RATIO, rank_specialists
 from routesae.report.load import Analysis, as_list, scalar
 
 RECON_KEYS = ("examples", "l0", "nmse", "explained_variance", "dead_fraction", "dense_fraction_gt_10pct",
@@ -91,13 +92,33 @@ def per_layer_rows(ev: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def most_specialised(a: Analysis, n: int = 10) -> pd.DataFrame:
-    """The ``n`` experts with the highest domain specialisation over all MoE layers."""
+def min_load_ratio(a: Analysis) -> float:
+    """The minimum load (x uniform 1/E) of a specialist: the analysis's setting, else the default 0.5."""
+    v = scalar(a.settings.get("min_load_ratio"))
+    return float(v) if isinstance(v, (int, float)) else MIN_LOAD_RATIO
+
+
+def most_specialised(a: Analysis, n: int = 10, min_load: float | None = None) -> pd.DataFrame:
+    """The ``n`` most selective experts over all MoE layers that are not hubs and carry a load of at least
+    ``min_load`` x uniform (default: :func:`min_load_ratio`); ``lift`` = the top domain's share / (k/E)."""
     es = a.expert_stats
     if es.empty:
         return es
-    cols = [c for c in ("layer", "expert", "specialisation", "top_domain", "load", "top_tokens") if c in es]
-    return es.sort_values(["specialisation", "layer", "expert"], ascending=[False, True, True])[cols].head(n)
+    ranked = rank_specialists(es, min_load_ratio(a) if min_load is None else min_load)
+    cols = [c for c in ("layer", "expert", "selectivity", "top_domain", "top_share", "specialisation", "load",
+                        "top_tokens") if c in es]
+    return ranked[cols].head(n).rename(columns={"specialisation": "lift"})
+
+
+def hubs(a: Analysis) -> pd.DataFrame:
+    """Experts in the top-k of more than half of the tokens of most domains (``hub``): a lift near E/k in every
+    domain, a selectivity near 1. ``share_all`` = fraction of all tokens whose top-k includes the expert."""
+    es = a.expert_stats
+    if es.empty or "hub" not in es:
+        return pd.DataFrame()
+    d = es[es["hub"].astype(bool)].sort_values(["layer", "expert"])
+    cols = ["layer", "expert", "base_topk", "hub_domains", "specialisation", "selectivity", "load"]
+    return d[[c for c in cols if c in d]].rename(columns={"base_topk": "share_all", "specialisation": "lift"})
 
 
 def collapsed(a: Analysis) -> pd.DataFrame:
@@ -113,15 +134,20 @@ def collapsed(a: Analysis) -> pd.DataFrame:
 
 
 def top_experts_per_domain(a: Analysis, n: int = 3) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """{layer: {domain: [{expert, share_topk, lift_topk}, ...]}}, the ``n`` most used experts per domain."""
+    """{layer: {domain: [{expert, share_topk, lift_topk, selectivity, hub}, ...]}}, the ``n`` most used experts per
+    domain (a hub is among them in every domain: ``hub`` says so)."""
     ed = a.expert_domain
     out: dict[str, dict[str, list[dict[str, Any]]]] = {}
     if ed.empty:
         return out
+    es = a.expert_stats
+    hub = set() if es.empty or "hub" not in es else {
+        (int(r.layer), int(r.expert)) for r in es[es["hub"].astype(bool)].itertuples()}
     for (layer, dom), g in ed.groupby(["layer", "domain"], sort=True):
         g = g.sort_values(["share_topk", "expert"], ascending=[False, True]).head(n)
         out.setdefault(str(int(layer)), {})[str(dom)] = [
-            {"expert": int(r.expert), "share_topk": scalar(r.share_topk), "lift_topk": scalar(r.lift_topk)}
+            {"expert": int(r.expert), "share_topk": scalar(r.share_topk), "lift_topk": scalar(r.lift_topk),
+             "selectivity": scalar(getattr(r, "selectivity", None)), "hub": (int(layer), int(r.expert)) in hub}
             for r in g.itertuples()]
     return out
 
@@ -135,8 +161,10 @@ def feature_facts(a: Analysis, latent: int) -> list[tuple[str, Any]]:
     layers = as_list(a.config.get("layers") or a.summary.get("layers") or [])
     routed = ", ".join(f"L{j}: {num(f, 2)}" for j, f in zip(layers, fr)) if len(fr) == len(layers) > 1 else None
     expert = None
-    if scalar(r.get("top_expert")) is not None and scalar(r.get("top_expert_layer")) is not None:
-        expert = f"L{int(r['top_expert_layer'])} E{int(r['top_expert'])} (lift {num(r.get('top_expert_lift'), 3)})"
+    if top_expert(r) is not None:
+        layer, e = top_expert(r)
+        lift = scalar(r.get("top_expert_lift"))
+        expert = f"L{layer} E{e}" + (f" (lift {num(lift, 3)})" if lift is not None else "")
     rows = [("density", r.get("density")), ("active tokens", r.get("count")), ("mean act", r.get("mean_act")),
             ("max act", r.get("max_act")),
             ("top domain", None if scalar(r.get("top_domain")) is None
@@ -144,6 +172,15 @@ def feature_facts(a: Analysis, latent: int) -> list[tuple[str, Any]]:
             ("top routed layer", r.get("top_routed_layer")), ("routed layers", routed), ("top expert", expert),
             ("interpretable", r.get("interpretable")), ("top token", r.get("top_token"))]
     return [(k, v) for k, v in rows if scalar(v) is not None]
+
+
+def top_expert(r: pd.Series | dict) -> tuple[int, int] | None:
+    """A latent's (MoE layer, expert) of highest lift, or None: missing, or ``-1`` (a dense model, or a routed
+    layer below the first MoE layer)."""
+    layer, e = scalar(r.get("top_expert_layer")), scalar(r.get("top_expert"))
+    if layer is None or e is None or int(layer) < 0 or int(e) < 0:
+        return None
+    return int(layer), int(e)
 
 
 def expert_latents_summary(a: Analysis, layers: list[int], n: int = 5) -> pd.DataFrame:

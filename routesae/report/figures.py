@@ -4,6 +4,10 @@ Each function takes the analysis tables (docs/analysis.md) and returns a figure;
 Text that comes from the corpus (domain names, tokens) goes through :func:`label`: plotly.js
 renders a subset of HTML in labels and hover text, so such strings are entity-escaped (plotly.js
 decodes ``&lt;`` ``&gt;`` ``&amp;`` back to the characters when it draws them).
+
+Ratio heatmaps (lift, selectivity: 1 = no preference) are coloured on a log2 scale centred at 1, so
+half and twice the baseline get opposite colours of equal strength; the colour bar is labelled in
+ratios, each cell's text and hover show the ratio itself, and a ratio of 0 takes the lowest colour.
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ import plotly.graph_objects as go
 from routesae.report.load import as_list
 
 TEMPLATE = "plotly_white"
-HEATMAP_VALUES = {"share_topk": "share of the domain's tokens with the expert in their top-k",
+HEATMAP_VALUES = {"selectivity": "selectivity: top-k share / the expert's share of all tokens",
+                  "share_topk": "share of the domain's tokens with the expert in their top-k",
                   "share_top1": "share of the domain's tokens with the expert first",
                   "lift_topk": "top-k share / uniform k/E",
                   "lift_top1": "top-1 share / uniform 1/E"}
-POSITION_METRICS = {"router_entropy": "router entropy (nats)", "specialisation": "specialisation (x uniform)",
-                    "max_share": "largest expert share"}
+RATIOS = {"selectivity", "lift_topk", "lift_top1", "specialisation"}  # coloured on a log scale centred at 1
+POSITION_METRICS = {"router_entropy": "router entropy (nats)", "selectivity": "selectivity (largest, specialists)",
+                    "specialisation": "largest lift (x uniform k/E)", "max_share": "largest expert share"}
+LOG_RANGE = 6  # colour range of a ratio heatmap at most 2**-6 .. 2**6
 
 
 def label(s: object) -> str:
@@ -42,8 +49,22 @@ def _empty(title: str) -> go.Figure:
     return _layout(fig, title, height=200, xaxis=dict(visible=False), yaxis=dict(visible=False))
 
 
-def domain_expert_heatmap(expert_domain: pd.DataFrame, layer: int, value: str = "lift_topk") -> go.Figure:
-    """Domain x expert heatmap of one MoE layer: top-k / top-1 share, or lift over uniform."""
+def ratio_colours(z: np.ndarray, title: str = "ratio") -> dict:
+    """Heatmap arguments that colour ratios ``z`` on a log2 scale centred at 1 (zeros at the lowest colour)."""
+    z = np.asarray(z, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lz = np.log2(z)
+    finite = lz[np.isfinite(lz)]
+    m = int(np.clip(np.ceil(np.abs(finite).max()) if finite.size else 1, 1, LOG_RANGE))
+    lz = np.clip(np.where(z == 0, -m, lz), -m, m)
+    ticks = list(range(-m, m + 1))
+    text = [f"1/{2 ** -t:g}" if t < 0 else f"{2 ** t:g}" for t in ticks]
+    return dict(z=lz, colorscale="RdBu_r", zmid=0.0, zmin=-m, zmax=m, customdata=z,
+                colorbar=dict(title=dict(text=title), tickvals=ticks, ticktext=text))
+
+
+def domain_expert_heatmap(expert_domain: pd.DataFrame, layer: int, value: str = "selectivity") -> go.Figure:
+    """Domain x expert heatmap of one MoE layer: top-k / top-1 share, lift over uniform or selectivity."""
     if value not in HEATMAP_VALUES:
         raise ValueError(f"unknown heatmap value {value!r}; choose one of {', '.join(HEATMAP_VALUES)}")
     d = expert_domain[expert_domain["layer"] == layer].copy()
@@ -52,40 +73,47 @@ def domain_expert_heatmap(expert_domain: pd.DataFrame, layer: int, value: str = 
         return _empty(title)
     if value == "lift_top1":
         d["lift_top1"] = d["share_top1"] / d["uniform_top1"]
-    m = d.pivot_table(index="domain", columns="expert", values=value, aggfunc="first", sort=True)
-    lift = value.startswith("lift")
+    if value == "selectivity" and value not in d:  # an analysis made before selectivity was stored
+        return _empty(title)
+    m = d.pivot_table(index="domain", columns="expert", values=value, aggfunc="first", sort=True, dropna=False)
     z = m.to_numpy(dtype=float)
+    colours = ratio_colours(z, value.split("_")[0]) if value in RATIOS else dict(
+        z=z, colorscale="Viridis", customdata=z, colorbar=dict(title=dict(text="share")))
     fig = go.Figure(go.Heatmap(
-        z=z, x=[f"E{int(e)}" for e in m.columns], y=[label(s) for s in m.index],
-        colorscale="RdBu_r" if lift else "Viridis", zmid=1.0 if lift else None,
+        x=[f"E{int(e)}" for e in m.columns], y=[label(s) for s in m.index],
         text=np.round(z, 2), texttemplate="%{text}" if z.size <= 400 else None,
-        hovertemplate="domain %{y}<br>expert %{x}<br>" + value + " %{z:.3f}<extra></extra>",
-        colorbar=dict(title=dict(text="lift" if lift else "share"))))
+        hovertemplate="domain %{y}<br>expert %{x}<br>" + value + " %{customdata:.3f}<extra></extra>", **colours))
     return _layout(fig, title, height=max(220, 60 + 28 * len(m.index)), xaxis=dict(title="expert"))
 
 
-def domain_layer_heatmap(domain_layer: pd.DataFrame, value: str = "specialisation") -> go.Figure:
-    """Domain x MoE layer overview of one ``domain_layer`` column (specialisation, router_entropy, ...)."""
+def domain_layer_heatmap(domain_layer: pd.DataFrame, value: str = "selectivity") -> go.Figure:
+    """Domain x MoE layer overview of one ``domain_layer`` column (selectivity of the domain's owner,
+    specialisation = the largest lift, router_entropy, ...)."""
     title = f"{value} by domain and layer"
     if domain_layer.empty or value not in domain_layer:
         return _empty(title)
-    m = domain_layer.pivot_table(index="domain", columns="layer", values=value, aggfunc="first", sort=True)
+    m = domain_layer.pivot_table(index="domain", columns="layer", values=value, aggfunc="first", sort=True,
+                                 dropna=False)
     z = m.to_numpy(dtype=float)
-    fig = go.Figure(go.Heatmap(z=z, x=[f"L{int(c)}" for c in m.columns], y=[label(s) for s in m.index],
-                               colorscale="Viridis", text=np.round(z, 2), texttemplate="%{text}",
-                               hovertemplate="domain %{y}<br>layer %{x}<br>%{z:.3f}<extra></extra>"))
+    colours = ratio_colours(z, value) if value in RATIOS else dict(z=z, colorscale="Viridis", customdata=z)
+    fig = go.Figure(go.Heatmap(x=[f"L{int(c)}" for c in m.columns], y=[label(s) for s in m.index],
+                               text=np.round(z, 2), texttemplate="%{text}",
+                               hovertemplate="domain %{y}<br>layer %{x}<br>%{customdata:.3f}<extra></extra>",
+                               **colours))
     return _layout(fig, title, height=max(220, 60 + 28 * len(m.index)), xaxis=dict(title="MoE layer"))
 
 
 def expert_load_bars(expert_stats: pd.DataFrame, layer: int) -> go.Figure:
-    """Expert load (share of top-k slots) of one layer, with the uniform line and collapse flags coloured."""
+    """Expert load (share of top-k slots) of one layer, with the uniform line; collapse flags and hubs coloured."""
     d = expert_stats[expert_stats["layer"] == layer].sort_values("expert")
     title = f"layer {layer}: expert load"
     if d.empty:
         return _empty(title)
     low, high = d["collapse_low"].astype(bool), d["collapse_high"].astype(bool)
-    colour = np.where(low, "#d62728", np.where(high, "#ff7f0e", "#1f77b4"))
-    flag = np.where(low, "collapsed (low)", np.where(high, "overloaded (high)", "ok"))
+    hub = d["hub"].astype(bool) if "hub" in d else pd.Series(False, index=d.index)
+    colour = np.where(low, "#d62728", np.where(hub, "#9467bd", np.where(high, "#ff7f0e", "#1f77b4")))
+    flag = np.array([", ".join(f for f, on in (("collapsed (low)", lo), ("overloaded (high)", hi), ("hub", hb)) if on)
+                     or "ok" for lo, hi, hb in zip(low, high, hub)], dtype=object)
     top = [label(x) for x in d["top_domain"]] if "top_domain" in d else [""] * len(d)
     fig = go.Figure(go.Bar(x=[f"E{int(e)}" for e in d["expert"]], y=d["load"], marker_color=colour,
                            customdata=np.stack([flag, top], 1),
@@ -116,14 +144,15 @@ def coactivation_heatmap(coactivation: pd.DataFrame, layer: int) -> go.Figure:
 
 
 def bucket_order(buckets) -> list[str]:
+    """Position buckets in reading order: "BOS" (reported apart), "0" .. "7", "8+"."""
     def key(b: str) -> tuple[int, str]:
         s = str(b).rstrip("+")
-        return (int(s) if s.isdigit() else 10**9, str(b))
+        return (-1 if str(b) == "BOS" else int(s) if s.isdigit() else 10**9, str(b))
     return sorted({str(b) for b in buckets}, key=key)
 
 
 def position_profile(position_profile: pd.DataFrame, metric: str = "router_entropy") -> go.Figure:
-    """Cold start: a router metric by position in the document (BOS = 0), one line per MoE layer."""
+    """Cold start: a router metric by position in the document (BOS apart), one line per MoE layer."""
     title = f"cold start: {POSITION_METRICS.get(metric, metric)} by position"
     if position_profile.empty or metric not in position_profile:
         return _empty(title)
@@ -134,7 +163,7 @@ def position_profile(position_profile: pd.DataFrame, metric: str = "router_entro
         fig.add_trace(go.Scatter(x=order, y=g[metric], mode="lines+markers", name=f"layer {int(layer)}",
                                  customdata=g["tokens"],
                                  hovertemplate="position %{x}<br>%{y:.3f}<br>%{customdata} tokens<extra></extra>"))
-    return _layout(fig, title, height=320, xaxis=dict(title="position in document", type="category"),
+    return _layout(fig, title, height=320, xaxis=dict(title="position in the document (BOS apart)", type="category"),
                    yaxis=dict(title=POSITION_METRICS.get(metric, metric)))
 
 

@@ -134,21 +134,35 @@ def _evaluation(a: Analysis, fig: Figures) -> str:
     return "<section>" + "".join(parts) + "</section>"
 
 
+SELECTIVITY_NOTE = (
+    "Share of domain D on expert i: the fraction of D's tokens whose top-k includes i. Lift = share / (k/E); "
+    "selectivity = share / the expert's share of all tokens (1 = the expert sees D as often as any other text). "
+    "A hub (in the top-k of more than half of the tokens of most domains) has a lift near E/k everywhere but a "
+    "selectivity near 1, so experts are ranked by selectivity; hubs and experts below {r:g} x the uniform load "
+    "1/E are not ranked. BOS tokens are left out (see Cold start). Ratio heatmaps use a log colour scale "
+    "centred at 1.")
+
+
 def _specialisation(a: Analysis, fig: Figures) -> str:
     parts = ["<h2 id='specialisation'>Expert specialisation</h2>"]
     if a.expert_domain.empty:
         return "<section>" + parts[0] + "<p class='note'>no router records in this analysis</p></section>"
-    parts.append(table(a.layer_stats, ["layer", "n_experts", "top_k", "tokens", "domain_specialisation",
-                                       "router_entropy", "repetition_rate"]))
+    parts.append(f"<p class='note'>{esc(SELECTIVITY_NOTE.format(r=facts.min_load_ratio(a)))}</p>")
+    parts.append(table(a.layer_stats, ["layer", "n_experts", "top_k", "tokens", "bos_tokens", "domain_selectivity",
+                                       "domain_specialisation", "hubs", "router_entropy", "repetition_rate"]))
     if not a.domain_layer.empty:
-        parts.append(fig(F.domain_layer_heatmap(a.domain_layer)))
+        parts.append(fig(F.domain_layer_heatmap(a.domain_layer, "selectivity" if "selectivity" in a.domain_layer
+                                                else "specialisation")))
     layers = pick_layers(a.moe_layers)
     if len(layers) < len(a.moe_layers):
         parts.append(f"<p class='note'>{len(a.moe_layers)} MoE layers: showing layers {esc(layers)}</p>")
     parts.append("<div class='grid'>" + "".join(
-        fig(F.domain_expert_heatmap(a.expert_domain, j, "lift_topk")) + fig(F.domain_expert_heatmap(
-            a.expert_domain, j, "share_top1")) for j in layers) + "</div>")
-    parts += ["<h3>Most specialised experts</h3>", table(facts.most_specialised(a, 10))]
+        fig(F.domain_expert_heatmap(a.expert_domain, j, "selectivity")) + fig(F.domain_expert_heatmap(
+            a.expert_domain, j, "lift_topk")) for j in layers) + "</div>")
+    parts += ["<h3>Most specialised experts (by selectivity)</h3>", table(facts.most_specialised(a, 10))]
+    hubs = facts.hubs(a)
+    parts.append("<h3>Hubs</h3>" + (table(hubs) if not hubs.empty else
+                                    "<p class='note'>no expert is in the top-k of most tokens of most domains</p>"))
     return "<section>" + "".join(parts) + "</section>"
 
 
@@ -171,11 +185,14 @@ def _load_balance(a: Analysis, fig: Figures) -> str:
 def _cold_start(a: Analysis, fig: Figures) -> str:
     parts = ["<h2 id='coldstart'>Cold start and dynamic routing</h2>"]
     if not a.position_profile.empty:
+        parts.append("<p class='note'>Position in the document; BOS (the same token at the start of every "
+                     "document, so routed the same way) is shown apart and left out of every other table.</p>")
+        second = "selectivity" if "selectivity" in a.position_profile else "specialisation"
         parts.append("<div class='grid'>" + fig(F.position_profile(a.position_profile, "router_entropy"))
-                     + fig(F.position_profile(a.position_profile, "specialisation")) + "</div>")
+                     + fig(F.position_profile(a.position_profile, second)) + "</div>")
     if not a.domain_layer.empty:
-        parts.append(table(a.domain_layer, ["layer", "domain", "tokens", "router_entropy", "specialisation",
-                                            "mean_active", "repetition_rate"]))
+        parts.append(table(a.domain_layer, ["layer", "domain", "tokens", "owner", "selectivity", "specialisation",
+                                            "router_entropy", "mean_active", "repetition_rate"]))
     if not a.experts_per_token.empty:
         parts.append("<div class='grid'>" + "".join(fig(F.experts_per_token(a.experts_per_token, j))
                                                     for j in pick_layers(a.moe_layers)) + "</div>")
@@ -265,12 +282,15 @@ def render_html(a: Analysis, top_n: int = 30) -> str:
     """The whole report as one HTML string."""
     fig = Figures()
     routing = _dynamic_routing(a, fig)
-    body = (_summary(a) + _evaluation(a, fig) + _specialisation(a, fig) + _load_balance(a, fig)
-            + _cold_start(a, fig) + routing + _features(a, fig, top_n))
+    experts = a.has_experts  # a dense model: no expert section at all
+    body = (_summary(a) + _evaluation(a, fig)
+            + (_specialisation(a, fig) + _load_balance(a, fig) + _cold_start(a, fig) if experts else "")
+            + routing + _features(a, fig, top_n))
     nav = "".join(f"<a href='#{k}'>{v}</a>" for k, v in [
-        ("summary", "Summary"), ("evaluation", "Evaluation"), ("specialisation", "Specialisation"),
-        ("load", "Load balance"), ("coldstart", "Cold start"), *([("routing", "Dynamic routing")] if routing else []),
-        ("features", "Features")])
+        ("summary", "Summary"), ("evaluation", "Evaluation"),
+        *([("specialisation", "Specialisation"), ("load", "Load balance"), ("coldstart", "Cold start")]
+          if experts else []),
+        *([("routing", "Dynamic routing")] if routing else []), ("features", "Features")])
     title = f"routesae report: {a.run.name}"
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>{esc(title)}</title><style>{CSS}</style>"

@@ -69,6 +69,12 @@ class Analysis:
         return []
 
     @property
+    def has_experts(self) -> bool:
+        """False for a dense model (no MoE layers, no router records): the renderers then omit every expert
+        field and section instead of showing placeholders."""
+        return bool(self.moe_layers) or any(not getattr(self, t).empty for t in EXPERT_TABLES + ("latent_experts",))
+
+    @property
     def domains(self) -> list[str]:
         if self.summary.get("domains"):
             return [str(d) for d in self.summary["domains"]]

@@ -65,31 +65,13 @@ def render_markdown(a: Analysis, top_n: int = 30) -> str:
     else:
         out.append("_no eval.json: run `routesae evaluate RUN`_\n")
 
-    out.append("\n## Expert specialisation\n\n")
-    if a.layer_stats.empty:
-        out.append("_no router records in this analysis_\n")
-    else:
-        out.append(md_table(a.layer_stats, ["layer", "n_experts", "top_k", "domain_specialisation", "router_entropy",
-                                            "repetition_rate", "load_cv", "load_entropy_norm", "max_vio",
-                                            "switch_aux"]))
-        out += ["\n**Most specialised experts** (specialisation = max over domains of top-k share / (k/E))\n\n",
-                md_table(facts.most_specialised(a, 10))]
-        tops = facts.top_experts_per_domain(a, 3)
-        if tops:
-            out.append("\n**Top experts per domain** (top-k share)\n\n")
-            rows = []
-            for layer in pick_layers(sorted(tops, key=int)):
-                for dom_name, lst in tops[layer].items():
-                    rows.append({"layer": layer, "domain": dom_name,
-                                 "experts": ", ".join(f"E{e['expert']} ({facts.num(e['share_topk'], 3)})"
-                                                      for e in lst)})
-            out.append(md_table(pd.DataFrame(rows)))
-        col = facts.collapsed(a)
-        out.append("\n**Collapse flags** (load below 0.1x or above 3x uniform)\n\n")
-        out.append(md_table(col) if not col.empty else "_no expert flagged_\n")
+    if a.has_experts:  # a dense model has no expert section
+        out.append(_experts_md(a))
 
     if not a.position_profile.empty:
         out.append("\n## Cold start\n\n")
+        out.append("Router entropy by position in the document; BOS is shown apart and left out of every other "
+                   "table.\n\n")
         pp = a.position_profile.pivot_table(index="bucket", columns="layer", values="router_entropy",
                                             aggfunc="first")
         pp = pp.reindex(bucket_order(pp.index))
@@ -107,6 +89,36 @@ def render_markdown(a: Analysis, top_n: int = 30) -> str:
         out.append("_no live latents with contexts_\n")
     for i in ids:
         out.append(_feature_md(a, i))
+    return "".join(out)
+
+
+def _experts_md(a: Analysis) -> str:
+    out = ["\n## Expert specialisation\n\n"]
+    if a.layer_stats.empty:
+        return out[0] + "_no router records in this analysis_\n"
+    out.append(md_table(a.layer_stats, ["layer", "n_experts", "top_k", "domain_selectivity", "domain_specialisation",
+                                        "hubs", "router_entropy", "repetition_rate", "load_cv", "load_entropy_norm",
+                                        "max_vio", "switch_aux"]))
+    out += [f"\n**Most specialised experts**: by selectivity = top-k share of the domain / the expert's share of "
+            f"all tokens (lift = share / (k/E)); hubs and experts below {md(facts.min_load_ratio(a))} x the uniform "
+            f"load 1/E are not ranked\n\n", md_table(facts.most_specialised(a, 10))]
+    hubs = facts.hubs(a)
+    out.append("\n**Hubs** (in the top-k of more than half of the tokens of most domains: lift near E/k "
+               "everywhere, selectivity near 1)\n\n")
+    out.append(md_table(hubs) if not hubs.empty else "_no hub_\n")
+    tops = facts.top_experts_per_domain(a, 3)
+    if tops:
+        out.append("\n**Top experts per domain** (top-k share, selectivity)\n\n")
+        rows = []
+        for layer in pick_layers(sorted(tops, key=int)):
+            for dom_name, lst in tops[layer].items():
+                rows.append({"layer": layer, "domain": dom_name, "experts": ", ".join(
+                    f"E{e['expert']} ({facts.num(e['share_topk'], 3)}, "
+                    + ("hub" if e.get("hub") else f"{facts.num(e.get('selectivity'), 3)}x") + ")" for e in lst)})
+        out.append(md_table(pd.DataFrame(rows)))
+    col = facts.collapsed(a)
+    out.append("\n**Collapse flags** (load below 0.1x or above 3x uniform)\n\n")
+    out.append(md_table(col) if not col.empty else "_no expert flagged_\n")
     return "".join(out)
 
 

@@ -2,7 +2,9 @@
 
 CSV: one file per analysis table, list cells as JSON strings (``read_csv_table`` reverses it);
 Parquet: byte copies of the analysis files. ``summary.json`` holds metrics, counts, per-layer
-statistics, the top experts per domain, flagged experts and the report's top features.
+statistics, the top experts per domain, the most specialised experts (selectivity), hubs, flagged
+experts and the report's top features. For a dense model (no router records) every expert key is
+left out rather than filled with nulls or ``-1``.
 
 Formula injection: corpus text reaches the CSV copies, and a spreadsheet runs a cell that starts
 with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return as a formula (OWASP "CSV injection").
@@ -151,11 +153,17 @@ def summary_json(a: Analysis, top_n: int = 30) -> dict[str, Any]:
         if k in ev:
             metrics[k] = ev[k]
     feats = []
+    experts = a.has_experts
+    keys = ("latent", "density", "max_act", "top_domain", "top_domain_lift", "top_routed_layer", "interpretable",
+            "top_token")
     for i in top_features(a, top_n):
         r = a.latent_row(i)
-        feats.append({k: scalar(r.get(k)) for k in ("latent", "density", "max_act", "top_domain", "top_domain_lift",
-                                                      "top_routed_layer", "top_expert_layer", "top_expert",
-                                                      "top_expert_lift", "interpretable", "top_token")})
+        f = {k: scalar(r.get(k)) for k in keys}
+        if experts:  # -1 (no MoE layer at or below the routed layer) -> null
+            te = facts.top_expert(r)
+            f.update({"top_expert_layer": te[0] if te else None, "top_expert": te[1] if te else None,
+                      "top_expert_lift": scalar(r.get("top_expert_lift")) if te else None})
+        feats.append(f)
     out = {
         "format": SUMMARY_FORMAT, "run": str(a.run),
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -167,10 +175,17 @@ def summary_json(a: Analysis, top_n: int = 30) -> dict[str, Any]:
         "layer_stats": records(a.layer_stats) if not a.layer_stats.empty else [],
         "top_experts_per_domain": facts.top_experts_per_domain(a, 3),
         "most_specialised_experts": records(facts.most_specialised(a, 10)) if not a.expert_stats.empty else [],
+        "min_load_ratio": facts.min_load_ratio(a),
+        "hub_experts": records(facts.hubs(a)) if not a.expert_stats.empty else [],
         "collapsed_experts": records(facts.collapsed(a)) if not a.expert_stats.empty else [],
         "cold_start": records(a.position_profile) if not a.position_profile.empty else [],
         "top_features": feats,
     }
+    if not experts:
+        for k in ("n_experts", "top_k", "layer_stats", "top_experts_per_domain", "most_specialised_experts",
+                  "min_load_ratio", "hub_experts", "collapsed_experts", "cold_start"):
+            out.pop(k)
+        counts.pop("collapsed_experts")
     return _clean(out)
 
 
