@@ -74,9 +74,10 @@ def _free_bytes(out: str | Path) -> int | None:
         return None
 
 
-def size_warning(corpus: CorpusConfig, per_token: int, out: str | Path,
-                 large: int = LARGE_STORE_BYTES) -> str | None:
-    """The one-line warning for a capture without ``--max-tokens`` (None when the store stays small)."""
+def size_warning(corpus: CorpusConfig, per_token: int, out: str | Path, large: int | None = None) -> str | None:
+    """The one-line warning for a capture without ``--max-tokens``: None when the projected store is
+    below ``large`` bytes (default :data:`LARGE_STORE_BYTES`) and fits the free space of ``out``'s disk."""
+    large = LARGE_STORE_BYTES if large is None else large
     free = _free_bytes(out)
     where = f" ({_gb(free)} free there)" if free is not None else ""
     tokens = corpus_tokens_estimate(corpus)

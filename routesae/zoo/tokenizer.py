@@ -9,8 +9,9 @@ Special tokens (ids 0, 1, 2, in this order):
 
 Encoding adds no special tokens by itself (like GPT-2): the LM trainer and capture
 (:class:`routesae.corpus.ContextBuilder`) write ``<|bos|> text`` per document, so the next
-document's ``<|bos|>`` is the only boundary inside a packed context; no ``<|eos|>`` is appended. The tokenizer is byte-level, so every string
-round-trips exactly (``decode(encode(s)) == s``) and there is no unknown token.
+document's ``<|bos|>`` is the only boundary inside a packed context; no ``<|eos|>`` is appended.
+The tokenizer is byte-level, so every string round-trips exactly (``decode(encode(s)) == s``) and
+there is no unknown token.
 
 Saved in Hugging Face format (``tokenizer.json``, ``tokenizer_config.json``,
 ``special_tokens_map.json``) so ``transformers.AutoTokenizer.from_pretrained(out_dir)`` loads it
