@@ -13,7 +13,8 @@ refuses a changed corpus; ``OUT/.capture.lock`` (routesae/store_lock.py) keeps a
 Python API::
 
     from routesae.capture import CaptureConfig, capture
-    store = capture(CaptureConfig(model="data/demo-moe", corpus="data/corpus", out="stores/demo"))
+    store = capture(CaptureConfig(model="data/demo-moe", corpus="data/corpus", out="stores/demo",
+                                  max_tokens=200_000))  # the whole demo corpus would be a ~76 GB store
 """
 
 from __future__ import annotations

@@ -456,7 +456,8 @@ def zoo_moefy(
                      log_fn=typer.echo)
     except USER_ERRORS as exc:
         _fail(exc)
-    typer.echo(f"MoEfied model in {path} (moefy.json: router recall); next: routesae capture {path} ...")
+    typer.echo(f"MoEfied model in {path} (moefy.json: router recall); next: routesae capture {path} CORPUS --out STORE "
+               f"--max-tokens N")
 
 
 @data_app.command("build-corpus")
