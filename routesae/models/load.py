@@ -246,8 +246,8 @@ def _load_gguf(cfg: ModelConfig, folder: str, gguf: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if importlib.util.find_spec("gguf") is None:
-        raise ModelLoadError("GGUF checkpoints need the gguf package; run `pip install 'routesae[smollm2]'` "
-                             "(or `pip install gguf`)")
+        raise ModelLoadError("GGUF checkpoints need the gguf package; run `pip install gguf` (in a clone: "
+                             "`pip install -e '.[smollm2]'`, or `make test`)")
     kwargs: dict = {"dtype": resolve_dtype(cfg.dtype), "gguf_file": gguf}
     if cfg.device_map:
         kwargs["device_map"] = cfg.device_map
