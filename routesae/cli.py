@@ -152,7 +152,7 @@ def train(
                           layer=layer, layers=layer_list, routing=routing, pooling=pooling, router=router,
                           tokens=tokens, batch_tokens=batch_tokens, lr=lr, seed=seed, resume=resume,
                           ckpt_every=ckpt_every, device=device, wandb=wandb, progress=not quiet)
-        if tokens is not None and tokens % batch_tokens:
+        if tokens is not None and tokens > batch_tokens > 0 and tokens % batch_tokens:
             typer.echo(f"note: --tokens {tokens:,} rounded down to {tokens // batch_tokens * batch_tokens:,} "
                        f"({tokens // batch_tokens:,} whole batches of --batch-tokens {batch_tokens:,})")
         path = run_train(cfg)
