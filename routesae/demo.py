@@ -31,6 +31,10 @@ class DemoConfig:
     sizes_override: dict[str, int] | None = None  # for tests: smaller stages than --quick
 
     @property
+    def root(self) -> Path:
+        return self.out / ("quick" if self.quick else "full")
+
+    @property
     def sizes(self) -> dict[str, int]:
         if self.quick:
             n = {"capture": 32_768, "train": 65_536, "latents": 768, "analyze": 32_768, "eval": 16_384}
@@ -64,10 +68,10 @@ def run_demo(cfg: DemoConfig, log=print) -> Path:
     from routesae.report import ReportConfig, build_report
     from routesae.sae import SparseAutoencoder
     from routesae.store import Store
-    from routesae.train import TrainConfig, train
+    from routesae.train import train
 
     t0 = time.perf_counter()
-    root = cfg.out / ("quick" if cfg.quick else "full")
+    root = cfg.root
     if cfg.force and root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -86,20 +90,20 @@ def run_demo(cfg: DemoConfig, log=print) -> Path:
                           split="val", device=cfg.device, progress=False))
     runs = {"routesae": root / "routesae", "topk": root / "topk"}
     for arch, run in runs.items():
-        if not (run / "sae.safetensors").exists() or not (run / "train_config.json").exists():
+        trained = not _finished(run)
+        if trained:
             resume = find_checkpoint(run) is not None  # an interrupted run continues where it stopped
             stage(f"{'resume' if resume else 'train'} {arch} ({n['latents']} latents, k=32, {n['train']:,} tokens) "
                   f"-> {run}")
-            train(TrainConfig(store=str(store), out=str(run), arch=arch, latents=n["latents"], k=32,
-                              tokens=n["train"], device=cfg.device, progress=False, resume=resume,
-                              eval_store=str(store_val)))
+            train(train_config(cfg, arch, resume))
         if not (run / EVAL_STORE).is_file():  # a run trained before held-out stores were recorded
             record_eval_store(run, check_eval_store(store_val, Store(store), SparseAutoencoder.read_config(run).layers))
-        if not _held_out(run / "eval.json"):
+        if trained or not _held_out(run / "eval.json"):
             stage(f"evaluate {arch} on {n['eval']:,} held-out tokens (reconstruction and CE/KL spliced into the model)")
             evaluate(EvalConfig(run=str(run), tokens=n["eval"], device=cfg.device))
     run = runs["routesae"]
-    if not _held_out(run / "analysis" / "summary.json"):
+    summary = run / "analysis" / "summary.json"  # it embeds eval.json: redone when that is newer
+    if not _held_out(summary) or (run / "eval.json").stat().st_mtime > summary.stat().st_mtime:
         stage(f"analyze {run} ({n['analyze']:,} held-out tokens)")
         analyze(AnalyzeConfig(run=str(run), tokens=n["analyze"], device=cfg.device))
     stage("report")
@@ -110,6 +114,32 @@ def run_demo(cfg: DemoConfig, log=print) -> Path:
     log(f"report:    {report / 'report.html'}  (also report.md, tables/, summary.json, neuronpedia/)")
     log(f"dashboard: routesae dashboard {run}")
     return report
+
+
+def train_config(cfg: DemoConfig, arch: str, resume: bool = False):
+    """The demo's TrainConfig of ``arch`` (routesae or topk) on its training store, recording the held-out one."""
+    from routesae.train import TrainConfig
+
+    n, root = cfg.sizes, cfg.root
+    return TrainConfig(store=str(root / "store"), out=str(root / arch), arch=arch, latents=n["latents"], k=32,
+                       tokens=n["train"], device=cfg.device, progress=False, resume=resume,
+                       eval_store=str(root / "store-val"))
+
+
+def _finished(run: Path) -> bool:
+    """A run whose training finished: its SAE and config exist and its checkpoint (if any) is at the last step.
+
+    A stopped run also holds ``sae.safetensors`` (saved with every checkpoint), so the SAE alone does not
+    mean finished."""
+    from routesae.checkpoint import find_checkpoint, load_state
+
+    if not ((run / "sae.safetensors").is_file() and (run / "train_config.json").is_file()):
+        return False
+    ckpt = find_checkpoint(run)
+    if ckpt is None:
+        return True
+    state = load_state(ckpt)
+    return state.get("step") == state.get("total_steps")
 
 
 def _held_out(path: Path) -> bool:
