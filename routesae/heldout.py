@@ -93,8 +93,9 @@ def sample_status(train: dict[str, Any] | None, store: Store) -> tuple[bool | No
     if fp is not None and fp == train.get("corpus_fingerprint"):
         return True, (f"read the same corpus documents as the training store (corpus fingerprint {fp[:19]}, split "
                       f"{_split(store.manifest)}): its tokens overlap the training tokens")
-    return False, (f"other data than the training store (split {_split(store.manifest)} vs "
-                   f"{train.get('split')}, another corpus fingerprint and content identity)")
+    known = "another corpus fingerprint" if fp and train.get("corpus_fingerprint") else "corpus not recorded"
+    return False, (f"other data than the training store (split {_split(store.manifest)} vs {train.get('split')}, "
+                   f"{known}, another content identity)")
 
 
 def check_eval_store(path: str | Path, train_store: Store, layers: list[int]) -> dict[str, Any]:

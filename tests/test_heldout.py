@@ -137,3 +137,22 @@ def test_recorded_store_missing_is_one_line(stores, runs, tmp_path):
     with pytest.raises(StoreError, match=r"held-out store .*gone.* missing.*--store") as e:
         evaluate(EvalConfig(run=str(run), device="cpu", tokens=100, splice=False))
     assert "\n" not in str(e.value) and not (run / "eval.json").exists()
+
+
+def test_cli_train_eval_store_and_evaluate(stores, tmp_path):
+    from typer.testing import CliRunner
+
+    from routesae.cli import app
+
+    runner, run = CliRunner(), tmp_path / "run"
+    res = runner.invoke(app, ["train", str(stores["train"]), "--out", str(run), "--latents", "64", "--k", "4",
+                              "--batch-tokens", "128", "--tokens", "256", "--device", "cpu", "--quiet",
+                              "--eval-store", str(stores["val"])])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["evaluate", str(run), "--tokens", "100", "--no-splice", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert f"store {stores['val']} ({EVAL_STORE}): tokens 0..100, held out" in res.output
+    res = runner.invoke(app, ["train", str(stores["train"]), "--out", str(tmp_path / "bad"), "--batch-tokens", "128",
+                              "--device", "cpu",
+                              "--eval-store", str(stores["train"])])
+    assert res.exit_code == 2 and "not held out" in res.output and not (tmp_path / "bad").exists()
