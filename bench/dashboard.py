@@ -1,10 +1,14 @@
 """Server time to render a feature page of the dashboard on a run with 16,384 latents.
 
-    python bench/dashboard.py [--latents 16384] [--contexts 20] [--renders 30] [--json]
+    python bench/dashboard.py [--latents 16384] [--top-contexts 20] [--quantile-bins 5] [--quantile-samples 5]
+                              [--window 16] [--renders 30] [--json]
 
 Builds a synthetic ``RUN/analysis`` at scale (the expert tables, summary and settings of
 ``tests/analysis_fixture.py``; the feature tables regenerated with ``--latents`` rows in
-``latents.parquet``, ``--contexts`` stored contexts of 33 tokens per latent, domain and expert
+``latents.parquet``, per live latent as many stored contexts as ``routesae analyze`` keeps by
+default: ``--top-contexts`` "top" ones plus ``--quantile-samples`` in each of ``--quantile-bins``
+bins "q0".."q4", each of ``2 * --window + 1`` tokens (defaults read from
+:class:`routesae.analyze.AnalyzeConfig`: 20 + 5 x 5 = 45 contexts of 33 tokens); domain and expert
 lifts for every latent), then renders ``features?feature=N`` with Streamlit's ``AppTest`` for
 random latents in one AppTest session: the first render loads and indexes the analysis (cached),
 the next ``--renders`` are timed. Server time = the page script's own run time, which app.py stores
@@ -32,7 +36,6 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 TARGET_MS = 300.0
-WINDOW = 16  # tokens either side of the centre
 
 
 def _lists(values: np.ndarray, n_rows: int, width: int, typ: pa.DataType) -> pa.ListArray:
@@ -40,8 +43,13 @@ def _lists(values: np.ndarray, n_rows: int, width: int, typ: pa.DataType) -> pa.
     return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=typ))
 
 
-def build_run(tmp: Path, n_latents: int, n_contexts: int, seed: int = 0) -> Path:
-    """The fixture's run with feature tables scaled to ``n_latents`` latents."""
+def context_kinds(top: int, bins: int, samples: int) -> list[str]:
+    """The ``kind`` of each stored context of one latent, as analyze writes them: "top" ones, then "q0".."q{bins-1}"."""
+    return ["top"] * top + [f"q{q}" for q in range(bins) for _ in range(samples)]
+
+
+def build_run(tmp: Path, n_latents: int, kinds: list[str], window: int, seed: int = 0) -> Path:
+    """The fixture's run with feature tables scaled to ``n_latents`` latents, ``kinds`` contexts per live latent."""
     from tests.analysis_fixture import DOMAINS, HOSTILE, MOE_LAYERS, SAE_LAYERS, E, K, make_analysis
 
     rng = np.random.default_rng(seed)
@@ -77,19 +85,18 @@ def build_run(tmp: Path, n_latents: int, n_contexts: int, seed: int = 0) -> Path
         "hist_edges": _lists(edges, n, 21, pa.float64()), "hist_counts": _lists(hist, n, 20, pa.int64()),
     })
     pq.write_table(t, ana / "latents.parquet")
-    # contexts: n_contexts per live latent, kinds top + q0..q4
+    # contexts: every live latent holds the full set of kinds (a latent that fired often enough)
     live = np.flatnonzero(~dead)
-    kinds = ["top"] * (n_contexts - 5 * (n_contexts // 6)) + [f"q{q}" for q in range(5) for _ in range(n_contexts // 6)]
-    kinds = kinds[:n_contexts]
+    n_contexts = len(kinds)
     rank = np.array([sum(1 for k2 in kinds[:i] if k2 == k) for i, k in enumerate(kinds)])
-    m, w = len(live) * n_contexts, 2 * WINDOW + 1
+    m, w = len(live) * n_contexts, 2 * window + 1
     lat = np.repeat(live, n_contexts)
     acts = rng.uniform(0, 1, (m, w)) * max_act[lat][:, None]
     pq.write_table(pa.table({
         "latent": lat, "kind": pa.array(np.tile(np.array(kinds, dtype=object), len(live)).tolist()),
-        "rank": np.tile(rank, len(live)), "act": acts[:, WINDOW],
+        "rank": np.tile(rank, len(live)), "act": acts[:, window],
         "tokens": _lists(vocab[rng.integers(0, len(vocab), (m, w))], m, w, pa.string()),
-        "acts": _lists(acts, m, w, pa.float64()), "center": np.full(m, WINDOW),
+        "acts": _lists(acts, m, w, pa.float64()), "center": np.full(m, window),
         "domain": pa.array(np.array(domains, dtype=object)[rng.integers(0, D, m)].tolist()),
         "doc_id": pa.array([f"d{i}" for i in rng.integers(0, 100_000, m)]),
         "routed_layer": np.array(SAE_LAYERS)[rng.integers(0, L, m)],
@@ -146,9 +153,15 @@ def render_ms(run: Path, latents: list[int]) -> dict[str, list[float]]:
 
 
 def main() -> None:
+    from routesae.analyze import AnalyzeConfig
+
+    d = AnalyzeConfig(run="")  # analyze's defaults: the contexts a real analysis stores
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latents", type=int, default=16_384)
-    ap.add_argument("--contexts", type=int, default=20, help="stored contexts per latent")
+    ap.add_argument("--top-contexts", type=int, default=d.top_contexts, help="top contexts per latent")
+    ap.add_argument("--quantile-bins", type=int, default=d.quantile_bins)
+    ap.add_argument("--quantile-samples", type=int, default=d.quantile_samples, help="contexts per quantile bin")
+    ap.add_argument("--window", type=int, default=d.window, help="tokens either side of a context's centre")
     ap.add_argument("--renders", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of text")
@@ -158,7 +171,8 @@ def main() -> None:
     logging.getLogger("streamlit").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        run = build_run(Path(tmp), args.latents, args.contexts, args.seed)
+        kinds = context_kinds(args.top_contexts, args.quantile_bins, args.quantile_samples)
+        run = build_run(Path(tmp), args.latents, kinds, args.window, args.seed)
         build_s = time.perf_counter() - t0
         rng = np.random.default_rng(args.seed + 1)
         latents = [int(x) for x in rng.integers(0, args.latents, args.renders + 1)]
@@ -166,7 +180,8 @@ def main() -> None:
     cold, warm, wall = r["script"][0], r["script"][1:], r["wall"][1:]
     table = statistics.median(r["table_script"])
     med, p90 = statistics.median(warm), float(np.percentile(warm, 90))
-    out = {"latents": args.latents, "contexts_per_latent": args.contexts, "renders": len(warm),
+    out = {"latents": args.latents, "contexts_per_latent": len(kinds), "context_tokens": 2 * args.window + 1,
+           "renders": len(warm),
            "feature_page_median_ms": round(med, 1), "feature_page_p90_ms": round(p90, 1),
            "feature_page_max_ms": round(max(warm), 1), "apptest_wall_median_ms": round(statistics.median(wall), 1),
            "first_render_with_load_ms": round(cold, 1), "features_table_median_ms": round(table, 1),
@@ -174,7 +189,9 @@ def main() -> None:
     if args.json:
         print(json.dumps(out))
         return
-    print(f"synthetic run: {args.latents:,} latents, {args.contexts} contexts each (built in {build_s:.1f} s)")
+    print(f"synthetic run: {args.latents:,} latents, {len(kinds)} contexts of {2 * args.window + 1} tokens each "
+          f"({args.top_contexts} top + {args.quantile_bins} x {args.quantile_samples} quantile samples, analyze's "
+          f"defaults; built in {build_s:.1f} s)")
     print(f"first render (loads + indexes the analysis): {cold:8.1f} ms")
     print(f"feature page, {len(warm)} renders (server time of the page script): median {med:.1f} ms, "
           f"p90 {p90:.1f} ms, max {max(warm):.1f} ms -> target {TARGET_MS:.0f} ms: "

@@ -131,6 +131,8 @@ def train(
     lr: float | None = typer.Option(None, help="Adam learning rate (default 2e-4 / sqrt(latents / 2^14))."),
     seed: int = typer.Option(0, help="Seed of initialisation and data order."),
     resume: bool = typer.Option(False, help="Continue RUN from its checkpoint, exactly."),
+    eval_store: Path | None = typer.Option(None, help="A held-out store (e.g. captured with --split val) that "
+                                                      "evaluate/analyze then read by default."),
     ckpt_every: int = typer.Option(500, help="Checkpoint every N steps (and on Ctrl-C / SIGTERM)."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     wandb: bool = typer.Option(False, help="Also log to Weights & Biases (needs `pip install wandb`)."),
@@ -151,7 +153,8 @@ def train(
         cfg = TrainConfig(store=str(store), out=str(out), arch=arch, k=k, expansion=expansion, latents=latents,
                           layer=layer, layers=layer_list, routing=routing, pooling=pooling, router=router,
                           tokens=tokens, batch_tokens=batch_tokens, lr=lr, seed=seed, resume=resume,
-                          ckpt_every=ckpt_every, device=device, wandb=wandb, progress=not quiet)
+                          ckpt_every=ckpt_every, device=device, wandb=wandb, progress=not quiet,
+                          eval_store=str(eval_store) if eval_store else None)
         if tokens is not None and tokens > batch_tokens > 0 and tokens % batch_tokens:
             typer.echo(f"note: --tokens {tokens:,} rounded down to {tokens // batch_tokens * batch_tokens:,} "
                        f"({tokens // batch_tokens:,} whole batches of --batch-tokens {batch_tokens:,})")
@@ -167,7 +170,8 @@ def train(
 @app.command()
 def evaluate(
     run: Path = typer.Argument(..., help="Run folder made by `routesae train`."),
-    store: Path | None = typer.Option(None, help="Store to evaluate on (default: the run's training store)."),
+    store: Path | None = typer.Option(None, help="Store to evaluate on (default: the run's "
+                                                   "held-out store, else its training store: in-sample)."),
     model: str | None = typer.Option(None, help="Model for splicing (default: the store's model when local)."),
     tokens: int | None = typer.Option(None, help="Evaluation tokens (default 100k or the whole store)."),
     batch_tokens: int = typer.Option(4096, help="Tokens per batch."),
@@ -187,6 +191,9 @@ def evaluate(
                                   device=device, routing_override=routing_override))
     except USER_ERRORS as exc:
         _fail(exc)
+    rng, inside = res["token_range"], {True: "in-sample", False: "held out", None: "in-sample unknown"}
+    typer.echo(f"store {res['store']} ({res['store_source']}): tokens {rng['start']}..{rng['stop']}, "
+               f"{inside[res['in_sample']]}")
     sae = res["sae_space"]
     typer.echo(f"L0 {sae['l0']:.1f}  NMSE {sae['nmse']:.4f}  explained variance {sae['explained_variance']:.4f}  "
                f"dead {sae['dead_fraction']:.3f}")
@@ -272,7 +279,8 @@ def export(
 @app.command()
 def analyze(
     run: Path = typer.Argument(..., help="Run folder made by `routesae train`."),
-    store: Path | None = typer.Option(None, help="Store to analyse (default: the run's training store)."),
+    store: Path | None = typer.Option(None, help="Store to analyse (default: the run's held-out "
+                                                   "store, else its training store: in-sample)."),
     model: str | None = typer.Option(None, help="Model for the logit lens (default: the store's model when local)."),
     tokens: int | None = typer.Option(None, help="Tokens to analyse (default 200k or the whole store)."),
     with_model: bool = typer.Option(True, "--with-model/--no-model", help="Load the model for the logit lens."),

@@ -1,13 +1,17 @@
 """The main job on the embedded default: ``routesae demo`` (what ``make demo`` runs).
 
-capture (``data/demo-moe`` over ``data/corpus``) -> train RouteSAE and a single-layer TopK
-baseline on the same store -> evaluate both (with splicing) -> analyse the RouteSAE run ->
-write the report; then print where the report is and the dashboard command. Re-running reuses
-every finished stage (the store, trained runs, evaluations, the analysis) unless ``force``.
+capture (``data/demo-moe`` over ``data/corpus``: the train split into ``store``, the validation
+split into ``store-val``) -> train RouteSAE and a single-layer TopK baseline on the training store,
+each recording ``store-val`` as its held-out store -> evaluate both (with splicing) on held-out
+tokens -> analyse the RouteSAE run on them -> write the report; then print where the report is and
+the dashboard command. Re-running reuses every finished stage (the stores, trained runs,
+evaluations and the analysis made on held-out tokens) unless ``force``; an interrupted SAE run
+(a checkpoint but no final SAE) resumes from its checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -24,12 +28,21 @@ class DemoConfig:
     quick: bool = False
     force: bool = False
     device: str = "auto"
+    sizes_override: dict[str, int] | None = None  # for tests: smaller stages than --quick
+
+    @property
+    def root(self) -> Path:
+        return self.out / ("quick" if self.quick else "full")
 
     @property
     def sizes(self) -> dict[str, int]:
         if self.quick:
-            return {"capture": 32_768, "train": 65_536, "latents": 768, "analyze": 32_768, "eval": 16_384}
-        return {"capture": 262_144, "train": 524_288, "latents": 1536, "analyze": 131_072, "eval": 65_536}
+            n = {"capture": 32_768, "train": 65_536, "latents": 768, "analyze": 32_768, "eval": 16_384}
+        else:
+            n = {"capture": 262_144, "train": 524_288, "latents": 1536, "analyze": 131_072, "eval": 65_536}
+        n.update(self.sizes_override or {})
+        n["heldout"] = max(n["eval"], n["analyze"])  # the validation store holds both
+        return n
 
 
 def demo_model(cfg: DemoConfig, log=print) -> Path:
@@ -51,17 +64,20 @@ def run_demo(cfg: DemoConfig, log=print) -> Path:
     from routesae.capture import CaptureConfig, capture
     from routesae.checkpoint import find_checkpoint
     from routesae.evaluate import EvalConfig, evaluate
+    from routesae.heldout import EVAL_STORE, check_eval_store, record_eval_store
     from routesae.report import ReportConfig, build_report
-    from routesae.train import TrainConfig, train
+    from routesae.sae import SparseAutoencoder
+    from routesae.store import Store
+    from routesae.train import train
 
     t0 = time.perf_counter()
-    root = cfg.out / ("quick" if cfg.quick else "full")
+    root = cfg.root
     if cfg.force and root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     n = cfg.sizes
     model = demo_model(cfg, log)
-    store = root / "store"
+    store, store_val = root / "store", root / "store-val"
 
     def stage(name: str) -> None:
         log(f"[{time.perf_counter() - t0:6.0f}s] {name}")
@@ -69,20 +85,26 @@ def run_demo(cfg: DemoConfig, log=print) -> Path:
     stage(f"capture {n['capture']:,} tokens of {cfg.corpus.name} through {model.name} -> {store}")
     capture(CaptureConfig(model=str(model), corpus=str(cfg.corpus), out=str(store), max_tokens=n["capture"],
                           device=cfg.device, progress=False))
+    stage(f"capture {n['heldout']:,} held-out tokens (validation split) -> {store_val}")
+    capture(CaptureConfig(model=str(model), corpus=str(cfg.corpus), out=str(store_val), max_tokens=n["heldout"],
+                          split="val", device=cfg.device, progress=False))
     runs = {"routesae": root / "routesae", "topk": root / "topk"}
     for arch, run in runs.items():
-        if not (run / "sae.safetensors").exists() or not (run / "train_config.json").exists():
+        trained = not _finished(run)
+        if trained:
             resume = find_checkpoint(run) is not None  # an interrupted run continues where it stopped
             stage(f"{'resume' if resume else 'train'} {arch} ({n['latents']} latents, k=32, {n['train']:,} tokens) "
                   f"-> {run}")
-            train(TrainConfig(store=str(store), out=str(run), arch=arch, latents=n["latents"], k=32,
-                              tokens=n["train"], device=cfg.device, progress=False, resume=resume))
-        if not (run / "eval.json").exists():
-            stage(f"evaluate {arch} (reconstruction and CE/KL spliced into the model)")
+            train(train_config(cfg, arch, resume))
+        if not (run / EVAL_STORE).is_file():  # a run trained before held-out stores were recorded
+            record_eval_store(run, check_eval_store(store_val, Store(store), SparseAutoencoder.read_config(run).layers))
+        if trained or not _held_out(run / "eval.json"):
+            stage(f"evaluate {arch} on {n['eval']:,} held-out tokens (reconstruction and CE/KL spliced into the model)")
             evaluate(EvalConfig(run=str(run), tokens=n["eval"], device=cfg.device))
     run = runs["routesae"]
-    if not (run / "analysis" / "summary.json").exists():
-        stage(f"analyze {run} ({n['analyze']:,} tokens)")
+    summary = run / "analysis" / "summary.json"  # it embeds eval.json: redone when that is newer
+    if not _held_out(summary) or (run / "eval.json").stat().st_mtime > summary.stat().st_mtime:
+        stage(f"analyze {run} ({n['analyze']:,} held-out tokens)")
         analyze(AnalyzeConfig(run=str(run), tokens=n["analyze"], device=cfg.device))
     stage("report")
     build_report(ReportConfig(run=str(run)))
@@ -94,9 +116,41 @@ def run_demo(cfg: DemoConfig, log=print) -> Path:
     return report
 
 
-def _summary(runs: dict[str, Path], log) -> None:
-    import json
+def train_config(cfg: DemoConfig, arch: str, resume: bool = False):
+    """The demo's TrainConfig of ``arch`` (routesae or topk) on its training store, recording the held-out one."""
+    from routesae.train import TrainConfig
 
+    n, root = cfg.sizes, cfg.root
+    return TrainConfig(store=str(root / "store"), out=str(root / arch), arch=arch, latents=n["latents"], k=32,
+                       tokens=n["train"], device=cfg.device, progress=False, resume=resume,
+                       eval_store=str(root / "store-val"))
+
+
+def _finished(run: Path) -> bool:
+    """A run whose training finished: its SAE and config exist and its checkpoint (if any) is at the last step.
+
+    A stopped run also holds ``sae.safetensors`` (saved with every checkpoint), so the SAE alone does not
+    mean finished."""
+    from routesae.checkpoint import find_checkpoint, load_state
+
+    if not ((run / "sae.safetensors").is_file() and (run / "train_config.json").is_file()):
+        return False
+    ckpt = find_checkpoint(run)
+    if ckpt is None:
+        return True
+    state = load_state(ckpt)
+    return state.get("step") == state.get("total_steps")
+
+
+def _held_out(path: Path) -> bool:
+    """Whether ``path`` (eval.json or an analysis summary.json) exists and measured held-out tokens."""
+    try:
+        return json.loads(path.read_text()).get("in_sample") is False
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _summary(runs: dict[str, Path], log) -> None:
     log("")
     log(f"{'':10s} {'NMSE':>8s} {'expl.var':>9s} {'L0':>6s} {'CE rec.':>8s} {'KL/token':>9s}")
     for arch, run in runs.items():
@@ -106,4 +160,7 @@ def _summary(runs: dict[str, Path], log) -> None:
         kl = f"{sp['kl']:9.4f}" if "kl" in sp else f"{'n/a':>9s}"
         s = ev["sae_space"]
         log(f"{arch:10s} {s['nmse']:8.4f} {s['explained_variance']:9.4f} {s['l0']:6.1f} {ce} {kl}")
+    r = ev.get("token_range") or {}
+    log(f"(held-out: tokens {r.get('start')}..{r.get('stop')} of {ev['store']}, split {ev.get('store_split')}, "
+        f"in_sample={ev.get('in_sample')})")
     log("")

@@ -1,7 +1,10 @@
 """Evaluate an SAE run on a store, and optionally by splicing it into the model: ``RUN/eval.json``.
 
-``evaluate(EvalConfig(run="runs/x")) -> dict``. Definitions (REFERENCE §4), over the first
-``tokens`` store tokens in shard order:
+``evaluate(EvalConfig(run="runs/x")) -> dict``. The store: ``--store``, else the held-out store
+recorded with the run (``RUN/eval_store.json``), else the training store with a one-line warning;
+``eval.json`` says which (``store_source``), whether its tokens trained the SAE (``in_sample``,
+``in_sample_why``) and the ``token_range`` read (routesae/heldout.py). Definitions (REFERENCE §4),
+over the first ``tokens`` store tokens in shard order:
 
 - ``sae_space``: metrics on the SAE's own examples ``x`` (standardised; RouteSAE: ``p_i* x_i*``;
   MLSAE: every (token, layer) pair) against ``x_hat = decode(encode(x))``:
@@ -36,7 +39,6 @@ own ``routing_override``) from the stored rows.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,11 +50,12 @@ import torch
 from torch import Tensor
 
 from routesae.atomic import atomic_write_json
+from routesae.heldout import choose_store, sample_fields
 from routesae.model_match import CHECK_CONTEXTS, capture_hook, check_model, forward_logits
 from routesae.models.intervene import override_routing
 from routesae.models.load import ModelConfig, first_device, is_local_spec, load_model, resolve_device
 from routesae.sae import SparseAutoencoder, load_sae
-from routesae.store import MANIFEST, Store, StoreError
+from routesae.store import Store, StoreError
 from routesae.store_contexts import context_batch, store_contexts, stored_rows
 
 log = logging.getLogger(__name__)
@@ -65,7 +68,8 @@ SOFT_ROUTING = ("soft routing: the SAE reads the mixture sum_i p_i x_i of all ro
 
 @dataclass
 class EvalConfig:
-    """What to evaluate. ``store``: default the one in RUN/train_config.json. ``model``: default the
+    """What to evaluate. ``store``: default the run's held-out store (RUN/eval_store.json), else its
+    training store (RUN/train_config.json; in-sample, with a warning). ``model``: default the
     store's model when that folder exists locally (else no splicing). ``tokens``: default 100k (or the
     whole store). ``splice_contexts``: cap on the contexts spliced (default: those within ``tokens``).
     ``splice=False`` skips the model even when one is available. ``routing_override``: every splice
@@ -123,21 +127,11 @@ class _Moments:
 # ---------------------------------------------------------------- store side
 
 
-def _resolve(cfg) -> tuple[Path, Store]:
+def _resolve(cfg, stage: str = "evaluating") -> tuple[Path, Store]:
+    """The run and the store to read: ``cfg.store``, else the run's held-out store, else (with a one-line
+    warning) its training store (routesae/heldout.py)."""
     run = Path(cfg.run)
-    store, recorded = cfg.store, cfg.store is None
-    train_cfg = run / "train_config.json"
-    if store is None and train_cfg.is_file():
-        try:
-            store = json.loads(train_cfg.read_text()).get("store")
-        except (ValueError, AttributeError):
-            raise StoreError(f"{train_cfg} is not a valid training config; pass the store with --store STORE") from None
-    if store is None:
-        raise StoreError(f"{run} records no store (no train_config.json); pass --store STORE")
-    if recorded and not (Path(store) / MANIFEST).is_file():
-        raise StoreError(f"run {run} was trained on store {store}, which is missing (no {MANIFEST} there); "
-                         f"pass the store with --store STORE")
-    return run, Store(store)
+    return run, Store(choose_store(run, cfg.store, stage)[0])
 
 
 def _rows(store: Store, layers: list[int], single: bool, limit: int, batch: int):
@@ -335,13 +329,14 @@ def store_model(store: Store) -> str | None:
     return name if is_local_spec(name) else None
 
 
-def load_run(cfg) -> tuple[Path, Store, Any]:
+def load_run(cfg, stage: str = "evaluating") -> tuple[Path, Store, Any]:
     """The run folder, its store and its SAE (eval mode, on ``cfg.device``), checked against each other.
 
-    ``cfg`` needs ``run``, ``store`` (None = the run's training store) and ``device``.
+    ``cfg`` needs ``run``, ``store`` (None = the run's held-out store, else its training store, with a
+    warning naming ``stage``) and ``device``.
     """
     SparseAutoencoder.read_config(cfg.run)  # not a run folder: one line, before the store is looked for
-    run, store = _resolve(cfg)
+    run, store = _resolve(cfg, stage)
     sae = load_sae(run, device=resolve_device(cfg.device)).eval()
     c = sae.cfg
     if store.d_model != c.d_in:
@@ -403,7 +398,8 @@ def evaluate(cfg: EvalConfig, model=None) -> dict[str, Any]:
     if cfg.splice and not soft:
         model, _, name, check = checked_model(cfg, store, c.layers, model)
     result: dict[str, Any] = {
-        "run": str(run), "store": str(store.root), "arch": c.arch, "layers": c.layers, "k": c.k,
+        "run": str(run), "store": str(store.root), **sample_fields(run, store, cfg.store, n_tokens),
+        "arch": c.arch, "layers": c.layers, "k": c.k,
         "n_latents": c.n_latents, "routing": c.routing if c.arch == "routesae" else None,
         "config": asdict(cfg),
         **_reconstruction_metrics(sae, store, n_tokens, cfg.batch_tokens, device),

@@ -31,10 +31,11 @@ from .sae import SAEConfig, SparseAutoencoder, load_sae
 from .store import MANIFEST, Store, StoreError
 
 # TrainConfig fields that do not change the trajectory: they may differ between a run and its resume
-FREE_ON_RESUME = {"store", "out", "resume", "device", "wandb", "progress", "ckpt_every", "log_every", "verify"}
+FREE_ON_RESUME = {"store", "out", "resume", "device", "wandb", "progress", "ckpt_every", "log_every", "verify",
+                  "eval_store"}
 TRAIN_CONFIG = "train_config.json"
 WEIGHT_FILES = ("config.json", "sae.safetensors", "checkpoint", "checkpoint.old")
-START_FILES = (TRAIN_CONFIG, "metrics.jsonl", "checkpoint.tmp")
+START_FILES = (TRAIN_CONFIG, "metrics.jsonl", "checkpoint.tmp", "eval_store.json")
 _KINDS: dict[str, type | tuple[type, ...]] = {"str": str, "int": int, "float": (int, float), "bool": bool}
 
 

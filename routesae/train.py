@@ -7,6 +7,9 @@
                                    content identity, model, layers, tokens)
     metrics.jsonl                  one line per log step (see ``_log_record``)
     checkpoint/                    see routesae/checkpoint.py
+    eval_store.json                with ``eval_store``: the held-out store evaluate/analyze read by default
+                                   (checked before anything is written: same model and layers, and not
+                                   the training data; see routesae/heldout.py)
 
 Resolved defaults (written to ``train_config.json["resolved"]``):
 - topk ``layer``: block ``round(0.75 * n_layers) - 1`` of the captured model (block 11 of 16, the
@@ -57,6 +60,7 @@ import torch.distributed as tdist
 
 from .atomic import atomic_write_json
 from .checkpoint import StopOnSignal, load_state, restoring, rewind_log, rng_state, save_checkpoint, set_rng_state
+from .heldout import check_eval_store, record_eval_store, store_record
 from .run_guard import check_out, check_restart, check_resume
 from .sae import SAEConfig, SparseAutoencoder, build_sae
 from .sae.config import ARCHS
@@ -111,6 +115,7 @@ class TrainConfig:
     buffer_shards: int = 2
     init_samples: int = 32768
     verify: str = "auto"
+    eval_store: str | None = None  # a held-out store recorded in RUN/eval_store.json (routesae/heldout.py)
 
     def validate(self) -> TrainConfig:
         """Raise a one-line ``ValueError`` naming the bad option; return self."""
@@ -302,6 +307,7 @@ def _train(cfg: TrainConfig, dist: _Dist, callback, dev_name: str) -> Path:
                         meta={"model": store.manifest.get("model", {}).get("name_or_path"),
                               "store": str(store.root)}).validate()
     identity = store.identity()
+    held = check_eval_store(cfg.eval_store, store, r["layers"]) if cfg.eval_store else None
     state: dict[str, Any] | None = None
     if ckpt is not None:
         state = load_state(ckpt)
@@ -341,8 +347,12 @@ def _train(cfg: TrainConfig, dist: _Dist, callback, dev_name: str) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         if state is None:
             summary = {k: store.manifest.get(k) for k in ("model", "layers", "tokens", "d_model", "n_layers")}
+            rec = store_record(store)
             atomic_write_json(out / "train_config.json", {**asdict(cfg), "resolved": r, "store_summary": {
-                "path": str(store.root), "identity": identity, **summary}})
+                "path": str(store.root), "identity": identity, **summary,
+                **{k: rec[k] for k in ("corpus_fingerprint", "split")}}})
+        if held is not None:
+            record_eval_store(out, held)
         rewind_log(out / "metrics.jsonl", step)
     if step >= total:
         log.info("%s already finished (%d steps)", out, total)

@@ -370,21 +370,53 @@ class Browser:
 
     def page_when(self, url: str, text: str, timeout: float = 90) -> tuple[str, str]:
         """Open ``url``; wait until its visible text contains ``text``; return (innerText, innerHTML)."""
+        target = self.call("Target.createTarget", url=url)["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        return self.wait_for(text, timeout)
+
+    def js(self, expression: str):
+        """The value of a JavaScript expression on the page opened last."""
+        return self.call("Runtime.evaluate", self.session, returnByValue=True, expression=expression)["result"].get(
+            "value")
+
+    def wait_for(self, text: str, timeout: float = 90) -> tuple[str, str]:
+        """Wait until the page's visible text contains ``text`` and its script has finished; (innerText, innerHTML)."""
         import time
 
-        target = self.call("Target.createTarget", url=url)["targetId"]
-        session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        self.session = session
         end, body = time.time() + timeout, ("", "", "")
         js = ("(() => { const app = document.querySelector('[data-testid=stApp]'); const b = document.body;"
               " return [b ? b.innerText : '', b ? b.innerHTML : '', app ? app.dataset.testScriptState : '']; })()")
         while time.time() < end:
-            r = self.call("Runtime.evaluate", session, returnByValue=True, expression=js)
-            body = tuple(r["result"].get("value") or ("", "", ""))
+            body = tuple(self.js(js) or ("", "", ""))
             if text in body[0] and body[2] == "notRunning":  # the page script has finished
                 return body[0], body[1]
             time.sleep(0.5)
-        raise AssertionError(f"{text!r} never appeared on {url} (script {body[2]}): {body[0][-1500:]}")
+        raise AssertionError(f"{text!r} never appeared (script {body[2]}): {body[0][-1500:]}")
+
+    def js_when(self, expression: str, timeout: float = 90):
+        """The first truthy value of a JavaScript expression, polled (widgets load lazily, a skeleton first)."""
+        import time
+
+        end = time.time() + timeout
+        while not (value := self.js(expression)) and time.time() < end:
+            time.sleep(0.5)
+        return value
+
+    def type_into(self, selector: str, text: str, timeout: float = 90) -> None:
+        """Focus the first element matching ``selector`` (waiting for it: widgets load lazily, a skeleton first),
+        select its content and type ``text`` over it."""
+
+        found = self.js_when(f"(() => {{ const e = document.querySelector({json.dumps(selector)}); if (!e) return "
+                             "false; e.focus(); e.select(); return true; })()", timeout)
+        assert found, f"no {selector} on the page"
+        self.call("Input.insertText", self.session, text=text)
+
+    def click_button(self, label: str) -> None:
+        """Click the first button whose visible text contains ``label``."""
+        clicked = self.js("(() => { const b = [...document.querySelectorAll('button')].find(b => "
+                          f"b.innerText.includes({json.dumps(label)})); if (!b) return false; b.click(); "
+                          "return true; })()")
+        assert clicked, f"no button {label!r} on the page"
 
     def close(self) -> None:
         try:
@@ -395,15 +427,19 @@ class Browser:
 
 
 @pytest.mark.skipif(_chromium() is None, reason="no chromium on PATH (apt-get install -y chromium)")
-def test_end_to_end_headless_chromium(run, tmp_path):
-    """A real server (``routesae.dashboard.command``) and a real browser: pages, permalink, escaping."""
+def test_end_to_end_headless_chromium(run_with_model, tmp_path):
+    """A real server (``routesae.dashboard.command``) and a real browser: pages, permalink, escaping, and text
+    typed into the Token explorer run through a real (tiny, random) OLMoE and the run's RouteSAE."""
     import os
     import socket
     import subprocess
     import time
     import urllib.request
 
+    from transformers import AutoTokenizer
+
     pytest.importorskip("websockets")
+    run, ckpt = run_with_model
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -433,7 +469,21 @@ def test_end_to_end_headless_chromium(run, tmp_path):
         assert "Training" in text and "Evaluation" in text, text
         text, _ = browser.page_when(f"{url}/experts", "Specialisation")
         browser.screenshot(ARTIFACTS / "experts.png")
-        text, _ = browser.page_when(f"{url}/tokens", "Token explorer")
+        text, _ = browser.page_when(f"{url}/tokens", "Press Run")
+        typed = "Zebras quietly <b>jump</b> over 42 lazy foxes."
+        browser.type_into("[data-testid=stForm] textarea", typed)
+        browser.click_button("Run")
+        text, _ = browser.wait_for("latents fired on", timeout=120)
+        tok = AutoTokenizer.from_pretrained(ckpt)
+        n_tokens = 1 + len(tok(typed, add_special_tokens=False)["input_ids"])  # BOS + the typed text, not the default
+        assert f"{n_tokens} tokens · MoE layers 0, 1, 2, 3 · SAE layers 0, 1, 2" in text, text[:2000]
+        assert f"latents fired on {n_tokens} tokens" in text and "Per token" in text
+        plots = browser.js("[...document.querySelectorAll('.js-plotly-plot')].map(p => p.textContent)")
+        assert len(plots) == 2, plots  # the experts chosen per token (routing) and the RouteSAE router
+        assert "experts chosen per token" in plots[0] and "MoE layer" in plots[0]
+        assert "RouteSAE router" in plots[1]
+        # two tables (lazily loaded): per token (routed layer, top latents, experts), and the latents that fired
+        assert browser.js_when("document.querySelectorAll('[data-testid=stDataFrame]').length === 2")
         browser.screenshot(ARTIFACTS / "tokens.png")
         text, _ = browser.page_when(f"{url}/export", "report.html")
         assert all((ARTIFACTS / f"{name}.png").stat().st_size > 10_000 for name in ("feature", "experts", "tokens"))
@@ -441,4 +491,8 @@ def test_end_to_end_headless_chromium(run, tmp_path):
         if browser is not None:
             browser.close()
         server.terminate()
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=60)  # Streamlit can take tens of seconds to stop on a busy machine
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=30)

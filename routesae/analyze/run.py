@@ -33,6 +33,7 @@ from routesae.analyze.features import FEATURE_COUNT, feature_tables
 from routesae.analyze.specialists import MIN_LOAD_RATIO
 from routesae.atomic import atomic_path, atomic_write_json
 from routesae.evaluate import checked_model, load_run, store_model
+from routesae.heldout import sample_fields
 from routesae.models.load import resolve_device
 from routesae.store import StoreError
 
@@ -44,7 +45,8 @@ DENSE = 0.1  # a latent active on more than 10% of the tokens counts as dense
 
 @dataclass
 class AnalyzeConfig:
-    """What to analyse. ``store``: default the one in RUN/train_config.json. ``model``: default the
+    """What to analyse. ``store``: default the run's held-out store (RUN/eval_store.json), else its
+    training store (in-sample, with a warning). ``model``: default the
     store's model when that folder exists locally (for the logit lens; ``with_model=False`` skips it).
     ``tokens``: default 200k or the whole store. ``window``: tokens either side of a context's centre.
     ``min_load_ratio``: an expert may own a domain (``domain_layer.owner``) and be ranked as a specialist
@@ -86,7 +88,7 @@ def analyze(cfg: AnalyzeConfig, model=None, tokenizer=None) -> Path:
 
     ``model`` / ``tokenizer``: an already loaded Hugging Face causal LM for the logit lens (else
     ``cfg.model`` or the store's model folder is loaded when ``cfg.with_model``)."""
-    run, store, sae = load_run(cfg)
+    run, store, sae = load_run(cfg, "analysing")
     device = resolve_device(cfg.device)
     c = sae.cfg
     n_tokens = min(cfg.tokens or DEFAULT_TOKENS, store.n_tokens)
@@ -117,7 +119,8 @@ def analyze(cfg: AnalyzeConfig, model=None, tokenizer=None) -> Path:
     manifest = store.manifest
     eval_path = run / "eval.json"
     summary: dict[str, Any] = {
-        "run": str(run), "store": str(store.root), "model": model_path, "model_check": check,
+        "run": str(run), "store": str(store.root), **sample_fields(run, store, cfg.store, n_tokens),
+        "model": model_path, "model_check": check,
         "arch": c.arch, "layers": c.layers, "moe_layers": store.moe_layers, "n_experts": manifest.get("n_experts"),
         "top_k": manifest.get("top_k"), "tokens": int(fc_row["tokens"]), "n_latents": c.n_latents,
         "dead_latents": int((lat["count"] == 0).sum()), "dense_latents": int((lat["density"] > DENSE).sum()),
