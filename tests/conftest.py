@@ -55,3 +55,20 @@ def tiny_store(tiny_ckpt, corpus_jsonl):
         return Store(capture(CaptureConfig(model=str(tiny_ckpt(arch)), corpus=str(corpus_jsonl), out=str(out), **base)))
 
     return make
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """Bit-exact comparisons between this process and a subprocess: both use one torch thread.
+
+    Float reductions may differ with the thread count, and earlier tests may have changed this
+    process's count (``torch.set_num_threads`` is global); subprocesses get ``OMP_NUM_THREADS=1``.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(before)

@@ -373,7 +373,7 @@ def test_lock_held_by_a_second_open_in_this_process(tiny_ckpt, corpus_jsonl, tmp
         assert _snapshot(store) == before
 
 
-def test_kill_9_then_resume_equals_an_uninterrupted_capture(tiny_ckpt, corpus_jsonl, tmp_path):
+def test_kill_9_then_resume_equals_an_uninterrupted_capture(tiny_ckpt, corpus_jsonl, tmp_path, one_thread):
     """The subprocess's start (imports, model load) is most of this test's time."""
     ckpt, corpus = tiny_ckpt("olmoe"), corpus_jsonl
     out = tmp_path / "s"
