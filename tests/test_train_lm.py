@@ -147,7 +147,7 @@ def test_balance_loss_per_layer_and_pooled_by_hand():
     """
     from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
 
-    from routesae.zoo.train_lm import switch_balance_loss
+    from routesae.zoo.moe_losses import switch_balance_loss
 
     a = torch.tensor([[10.0, -10.0]] * 3)
     layers = [a, a.flip(1)]
