@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from routesae.atomic import atomic_write_json
-from routesae.run_guard import TRAIN_CONFIG
+from routesae.run_guard import TRAIN_CONFIG, read_json_object
 from routesae.store import MANIFEST, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -132,12 +132,9 @@ def record_eval_store(run: str | Path, record: dict[str, Any]) -> Path:
 def recorded_eval_store(run: Path) -> str | None:
     """The held-out store path recorded with the run (None if none); one-line error if the file is damaged."""
     path = run / EVAL_STORE
-    if not path.is_file():
+    data = read_json_object(path, "delete it or pass --store STORE", StoreError)
+    if data is None:
         return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise StoreError(f"cannot read {path} ({e}); delete it or pass --store STORE") from None
     if not isinstance(data, dict) or not isinstance(data.get("path"), str):
         raise StoreError(f"{path} names no store path; delete it or pass --store STORE")
     return data["path"]

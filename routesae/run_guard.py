@@ -131,15 +131,22 @@ def check_resume(cfg: Any, state: dict, ckpt: Path, store: Store, sae_cfg: SAECo
     return load_sae(ckpt)
 
 
-def read_train_config(run: Path) -> dict[str, Any] | None:
-    """``RUN/train_config.json`` as a dict (None if absent); one-line error if it is not a JSON object."""
-    path = run / TRAIN_CONFIG
+def read_json_object(path: Path, fix: str, error: type[Exception] = ValueError) -> dict[str, Any] | None:
+    """A run file holding one JSON object (None if absent); ``error("cannot read PATH (why); FIX")`` if unreadable."""
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path} ({e}); the run is damaged, start a new --out") from None
+        raise error(f"cannot read {path} ({e}); {fix}") from None
+
+
+def read_train_config(run: Path) -> dict[str, Any] | None:
+    """``RUN/train_config.json`` as a dict (None if absent); one-line error if it is not a JSON object."""
+    path = run / TRAIN_CONFIG
+    data = read_json_object(path, "the run is damaged, start a new --out")
+    if data is None:
+        return None
     if not isinstance(data, dict) or not isinstance(data.get("store_summary", {}), dict):
         raise ValueError(f"{path} is not a train_config object; the run is damaged, start a new --out")
     return data

@@ -35,16 +35,15 @@ STARVED = 0.1  # x uniform
 
 
 def domain_unigram_counts(cfg, tokenizer, domains: list[str]) -> np.ndarray:
-    """Train-split token counts per domain, ``[n_domains, vocab]`` (BOS counted as the trainer sees it)."""
+    """Train-split token counts per domain, ``[n_domains + 1, vocab]``; the last row holds the tokens of
+    domains not in ``domains`` (BOS counted as the trainer sees it). Summed over rows: the global counts."""
     di = {d: i for i, d in enumerate(domains)}
-    counts = np.zeros((len(domains), len(tokenizer)), np.int64)
+    counts = np.zeros((len(domains) + 1, len(tokenizer)), np.int64)
     builder = ContextBuilder(tokenizer, cfg.ctx, packing="pack")
     docs = iter_documents(CorpusConfig(path=cfg.corpus, split="train", seed=cfg.seed))
     for ids, doc, _ in builder.contexts(docs):
-        dom = np.array([di.get(builder.doc_domains[j], -1) for j in doc])
-        ids = np.asarray(ids)
-        ok = dom >= 0
-        np.add.at(counts, (dom[ok], ids[ok]), 1)
+        dom = np.array([di.get(builder.doc_domains[j], len(domains)) for j in doc])
+        np.add.at(counts, (dom, np.asarray(ids)), 1)
     return counts
 
 

@@ -21,30 +21,9 @@ import numpy as np
 import torch
 
 from routesae.atomic import atomic_write_json, atomic_write_text
-from routesae.corpus import ContextBuilder, CorpusConfig, iter_documents
 from routesae.zoo.card_markdown import balance_markdown
 
 PROMPT_TOKENS = 12
-
-
-def unigram_counts(cfg, tokenizer) -> np.ndarray:
-    """Token counts of the train split as the trainer sees it (BOS per document)."""
-    counts = np.zeros(len(tokenizer), np.int64)
-    builder = ContextBuilder(tokenizer, cfg.ctx, packing="pack")
-    for ids, _, _ in builder.contexts(iter_documents(CorpusConfig(path=cfg.corpus, split="train", seed=cfg.seed))):
-        counts += np.bincount(ids, minlength=len(counts))
-    return counts
-
-
-def unigram_losses(counts: np.ndarray, vs) -> dict[str, float]:
-    logp = np.log((counts + 1.0) / (counts.sum() + len(counts)))
-    tgt, dom, pos = vs.ids[:, 1:], vs.dom[:, 1:], vs.pos[:, 1:]
-    keep = (dom >= 0) & (pos > 0)
-    out = {}
-    for i, d in enumerate(vs.domains):
-        sel = keep & (dom == i)
-        out[d] = float(-logp[tgt[sel]].mean()) if sel.any() else float("nan")
-    return out
 
 
 def domain_routing(model, vs, device, layers: list[int]) -> dict:
@@ -110,10 +89,10 @@ def write_model_card(model, tokenizer, cfg, vs, out: Path, params: dict, device,
     L = c.num_hidden_layers
     layers = sorted({0, L // 2, L - 1})
     val = val_losses(model, vs, device)
-    uni = unigram_losses(unigram_counts(cfg, tokenizer), vs)
     r = domain_routing(model, vs, device, layers)
     samples = greedy_samples(model, tokenizer, vs, device, cfg.sample_tokens)
-    bal = measure(model, tokenizer, cfg, vs, device, val)
+    bal = measure(model, tokenizer, cfg, vs, device, val)  # also the unigram baselines (one pass over train)
+    uni = {d: v["global"] for d, v in bal["unigram"].items()}
     if previous is None and (out / "card.json").exists():
         try:
             previous = json.loads((out / "card.json").read_text()).get("previous")
