@@ -436,7 +436,7 @@ def store_verify(store: Path = typer.Argument(..., help="Store folder.")) -> Non
 def zoo_train_lm(
     corpus: str = typer.Argument("data/corpus", help="Corpus folder with train-*/val-* shards."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the trained model, card and checkpoints."),
-    preset: str = typer.Option("demo", help="demo (CPU, ~1 h on 2 cores), gpu (larger budget), tiny (tests)."),
+    preset: str = typer.Option("demo", help="demo (CPU, ~1 h 40 min on 2 cores), gpu (larger budget), tiny (tests)."),
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoint."),
     tokenizer: str | None = typer.Option(None, help="Tokenizer folder (default: data/demo-moe)."),
     max_tokens: int | None = typer.Option(None, help="Training token budget (overrides the preset)."),
