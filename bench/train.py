@@ -130,7 +130,7 @@ def _resolved(bc: BenchConfig):
     d = store.d_model
     latents = bc.latents or bc.expansion * d
     aux_k = bc.aux_k if bc.aux_k is not None else d // 2
-    lr = 2e-4 / math.sqrt(latents / 2**14)  # our default (routesae.train._resolve); given to both sides
+    lr = 2e-4 / math.sqrt(latents / 2**14)  # our default (routesae.train_setup.resolve); given to both sides
     return store, d, latents, aux_k, lr
 
 
@@ -164,12 +164,13 @@ def time_ours(bc: BenchConfig, arch: str, run: int) -> float:
 def saelens_batches(bc: BenchConfig) -> list[torch.Tensor]:
     """The rows our TopK run reads (same store, layer, seed, batch size), standardised per token."""
     from routesae.sae.ops import standardize
-    from routesae.train import TrainConfig, _batches, _resolve
+    from routesae.train import TrainConfig
+    from routesae.train_setup import batches, resolve
 
     store, _, latents, _, _ = _resolved(bc)
     cfg = TrainConfig(store=bc.store, out="-", arch="topk", k=bc.k, latents=latents, batch_tokens=bc.batch_tokens,
                       seed=bc.seed)
-    stream = _batches(store, cfg, _resolve(cfg, store, 1), 0)
+    stream = batches(store, cfg, resolve(cfg, store, 1), 0)
     n = bc.warmup + bc.steps + 1
     return [standardize(next(stream))[0].to(bc.device) for _ in range(n)]
 

@@ -30,12 +30,11 @@ app.add_typer(data_app, name="data")
 app.add_typer(store_app, name="store")
 
 
-def _fail(exc: Exception) -> None:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
+from .cli_errors import USER_ERRORS  # noqa: E402
+from .cli_errors import fail as _fail  # noqa: E402
+from .cli_train import train  # noqa: E402
 
-
-USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, FileExistsError)
+app.command()(train)
 ROUTING_OVERRIDE_HELP = ("Change routing during the forward: topk:K, topp:P, threshold:T, "
                          "ablate:E1,E2, each optionally @layerN / @layersA:B, joined by ';'.")
 
@@ -108,63 +107,6 @@ def demo(
         run_demo(DemoConfig(out=out, quick=quick, force=force, device=device), log=typer.echo)
     except USER_ERRORS as exc:
         _fail(exc)
-
-
-@app.command()
-def train(
-    store: Path = typer.Argument(..., help="Store folder made by `routesae capture`."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run folder to create (new or empty), or to continue "
-                                                   "with --resume."),
-    arch: str = typer.Option("routesae", help="routesae, topk (one layer) or mlsae (every token-layer pair)."),
-    k: int = typer.Option(32, help="Active latents per token (TopK)."),
-    expansion: int = typer.Option(8, help="Latents = expansion x d_model (ignored with --latents)."),
-    latents: int | None = typer.Option(None, help="Dictionary size."),
-    layer: int | None = typer.Option(None, help="topk: the layer (default: the captured layer nearest 3/4 depth)."),
-    layers: str | None = typer.Option(None, help="routesae/mlsae: a subset of captured layers, e.g. 2:5 "
-                                                 "(default: all captured layers)."),
-    routing: str = typer.Option("hard", help="routesae: hard (x = p_i* x_i*, the paper) or soft (sum_i p_i x_i)."),
-    pooling: str = typer.Option("sum", help="routesae: sum or mean pooling of the layer stack for the router."),
-    router: str = typer.Option("faithful", help="routesae: faithful (the paper) or ste (straight-through, learns "
-                                                "from step 0; see docs/routesae.md)."),
-    tokens: int | None = typer.Option(None, help="Training tokens (default: one pass over the store)."),
-    batch_tokens: int = typer.Option(4096, help="Tokens per step."),
-    lr: float | None = typer.Option(None, help="Adam learning rate (default 2e-4 / sqrt(latents / 2^14))."),
-    seed: int = typer.Option(0, help="Seed of initialisation and data order."),
-    resume: bool = typer.Option(False, help="Continue RUN from its checkpoint, exactly."),
-    eval_store: Path | None = typer.Option(None, help="A held-out store (e.g. captured with --split val) that "
-                                                      "evaluate/analyze then read by default."),
-    ckpt_every: int = typer.Option(500, help="Checkpoint every N steps (and on Ctrl-C / SIGTERM)."),
-    device: str = typer.Option("auto", help="cpu, cuda or auto."),
-    wandb: bool = typer.Option(False, help="Also log to Weights & Biases (needs `pip install wandb`)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-) -> None:
-    """Train RouteSAE (or a TopK / MLSAE baseline) on a store. Multi-GPU: `torchrun --nproc_per_node N -m
-    routesae.cli train ...`."""
-    from routesae.layers import parse_layers
-    from routesae.store import Store
-    from routesae.train import TrainConfig, TrainingDiverged, TrainingInterrupted
-    from routesae.train import train as run_train
-
-    try:
-        layer_list = None
-        if layers is not None:
-            s = Store(store)
-            layer_list = parse_layers(layers, s.manifest["n_layers"])
-        cfg = TrainConfig(store=str(store), out=str(out), arch=arch, k=k, expansion=expansion, latents=latents,
-                          layer=layer, layers=layer_list, routing=routing, pooling=pooling, router=router,
-                          tokens=tokens, batch_tokens=batch_tokens, lr=lr, seed=seed, resume=resume,
-                          ckpt_every=ckpt_every, device=device, wandb=wandb, progress=not quiet,
-                          eval_store=str(eval_store) if eval_store else None)
-        if tokens is not None and tokens > batch_tokens > 0 and tokens % batch_tokens:
-            typer.echo(f"note: --tokens {tokens:,} rounded down to {tokens // batch_tokens * batch_tokens:,} "
-                       f"({tokens // batch_tokens:,} whole batches of --batch-tokens {batch_tokens:,})")
-        path = run_train(cfg)
-    except TrainingInterrupted as exc:
-        typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
-        raise typer.Exit(code=130) from None
-    except (TrainingDiverged, *USER_ERRORS) as exc:
-        _fail(exc)
-    typer.echo(f"run {path}: sae.safetensors, metrics.jsonl; next: routesae evaluate {path}")
 
 
 @app.command()

@@ -86,8 +86,10 @@ def check_out(out: Path, resume: bool) -> Path | None:
 
 
 def _same_options(cfg: Any, old: dict[str, Any]) -> None:
+    """Options a run was started with must be repeated; an option newer than the checkpoint counts as its default."""
     now = asdict(cfg)
-    diff = [k for k in now if k not in FREE_ON_RESUME and old.get(k) != now[k]]
+    default = {f.name: f.default for f in fields(type(cfg))}
+    diff = [k for k in now if k not in FREE_ON_RESUME and old.get(k, default.get(k)) != now[k]]
     if diff:
         was = ", ".join(f"{k}={old.get(k)!r}" for k in diff)
         raise ValueError(f"{cfg.out} was started with {was}; repeat the original options with --resume")
@@ -107,7 +109,9 @@ def _check_window(state: dict[str, Any], ckpt: Path, n_layers: int) -> None:
     ok = (isinstance(win.get("steps"), int) and isinstance(win.get("sums"), list) and len(win["sums"]) == 4
           and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in win["sums"])
           and isinstance(win.get("hist"), torch.Tensor) and win["hist"].dtype == torch.int64
-          and win["hist"].shape == (n_layers,))
+          and win["hist"].shape == (n_layers,)
+          and (win.get("route") is None or (isinstance(win["route"], list) and len(win["route"]) == 2
+                                            and all(isinstance(x, float) for x in win["route"]))))
     if not ok or not 0 <= state["step"] <= state["total_steps"]:
         raise ValueError(f"{ckpt / STATE_FILE}: the metrics window or step is malformed; the checkpoint is damaged, "
                          f"start a new --out")

@@ -47,28 +47,28 @@ import json
 import logging
 import math
 import os
-import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as tdist
 
 from .atomic import atomic_write_json
 from .checkpoint import StopOnSignal, load_state, restoring, rewind_log, rng_state, save_checkpoint, set_rng_state
 from .heldout import check_eval_store, record_eval_store, store_record
+from .recipe import B_PRE_INITS, DECODER_NORMS, ENC_INITS, DecoderConstraint
 from .run_guard import check_out, check_restart, check_resume
 from .sae import SAEConfig, SparseAutoencoder, build_sae
 from .sae.config import ARCHS
+from .sae.route_stats import margin_sum, routing_summary
 from .schedule import lr_at
-from .store import Store, StoreError
+from .store import Store
+from .train_setup import Dist, batches, initial_sae, resolve, seed_everything, sync_firing, verify_store
 
 log = logging.getLogger(__name__)
-VERIFY_MAX_BYTES = 2**30
 
 
 class TrainingDiverged(RuntimeError):
@@ -116,6 +116,11 @@ class TrainConfig:
     init_samples: int = 32768
     verify: str = "auto"
     eval_store: str | None = None  # a held-out store recorded in RUN/eval_store.json (routesae/heldout.py)
+    b_pre_init: str = "median"  # the recipe options of routesae/recipe.py (default recipe shown)
+    enc_init: str = "transpose"
+    decoder_norm: str = "project"
+    renorm_every: int = 10
+    route_balance: float = 0.0  # RouteSAE: weight of the layer-balance loss (routesae/sae/route.py)
 
     def validate(self) -> TrainConfig:
         """Raise a one-line ``ValueError`` naming the bad option; return self."""
@@ -142,6 +147,15 @@ class TrainConfig:
             bad(f"warmup_frac={self.warmup_frac} and decay_frac={self.decay_frac} must be in [0, 1] with sum <= 1")
         if self.ckpt_every < 1 or self.log_every < 1 or self.buffer_shards < 1 or self.init_samples < 1:
             bad("ckpt_every, log_every, buffer_shards and init_samples must be at least 1")
+        for name, allowed in (("b_pre_init", B_PRE_INITS), ("enc_init", ENC_INITS), ("decoder_norm", DECODER_NORMS)):
+            if getattr(self, name) not in allowed:
+                bad(f"unknown --{name.replace('_', '-')} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        if self.renorm_every < 1:
+            bad(f"--renorm-every {self.renorm_every} must be at least 1")
+        if not (math.isfinite(self.route_balance) and self.route_balance >= 0):
+            bad(f"--route-balance {self.route_balance} must be a finite number >= 0")
+        if self.route_balance > 0 and self.arch != "routesae":
+            bad(f"--route-balance balances RouteSAE's layers; --arch {self.arch} has no router (drop it)")
         if self.verify not in ("auto", "always", "never"):
             bad(f"unknown verify {self.verify!r}; choose auto, always or never")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -149,131 +163,29 @@ class TrainConfig:
         return self
 
 
-@dataclass
-class _Dist:
-    world: int = 1
-    rank: int = 0
-    local_rank: int = 0
-    owned: bool = False
-
-    @classmethod
-    def from_env(cls, cuda: bool) -> _Dist:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        owned = not tdist.is_initialized()
-        if owned:
-            tdist.init_process_group("nccl" if cuda else "gloo")
-        return cls(tdist.get_world_size(), tdist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), owned)
-
-    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            tdist.all_reduce(t)
-        return t
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _resolve(cfg: TrainConfig, store: Store, world: int) -> dict[str, Any]:
-    """Defaults and checks that need the store (one-line StoreError/ValueError)."""
-    captured = store.layers
-    if cfg.arch == "topk":
-        if cfg.layer is None:
-            n = int(store.manifest.get("n_layers") or max(captured) + 1)
-            want = max(round(0.75 * n) - 1, 0)
-            layers = [min(captured, key=lambda c: (abs(c - want), -c))]
-        else:
-            layers = [cfg.layer]
-    else:
-        layers = list(cfg.layers) if cfg.layers is not None else captured
-    missing = [lay for lay in layers if lay not in captured]
-    if missing:
-        raise StoreError(f"layer {missing[0]} was not captured in {store.root}; captured layers: {captured}")
-    d = store.d_model
-    latents = cfg.latents if cfg.latents is not None else cfg.expansion * d
-    if cfg.k > latents:
-        raise ValueError(f"--k {cfg.k} is larger than the latent count {latents}; lower --k or raise "
-                         f"--latents/--expansion")
-    tokens = cfg.tokens if cfg.tokens is not None else store.n_tokens
-    if store.n_tokens < cfg.batch_tokens:
-        raise StoreError(f"store {store.root} has {store.n_tokens} tokens, fewer than --batch-tokens "
-                         f"{cfg.batch_tokens}; lower --batch-tokens or capture more")
-    if cfg.batch_tokens % world:
-        raise ValueError(f"--batch-tokens {cfg.batch_tokens} must be divisible by the {world} processes")
-    steps = max(tokens // cfg.batch_tokens, 1)
-    dead = cfg.dead_tokens or max(cfg.batch_tokens, min(10_000_000, tokens // 10))
-    if cfg.dead_tokens is None and cfg.arch == "mlsae":
-        dead *= len(layers)
-    positions = [captured.index(lay) for lay in layers]
-    if cfg.arch == "topk" or positions == list(range(len(captured))):
-        positions = None  # topk reads its one layer from the store; the others keep the whole stack
-    return {"layers": layers, "positions": positions,
-            "latents": latents, "lr": cfg.lr or 2e-4 / math.sqrt(latents / 2**14), "tokens": steps * cfg.batch_tokens,
-            "steps": steps, "dead_tokens": dead, "world_size": world}
-
-
-def _verify(cfg: TrainConfig, store: Store) -> None:
-    if cfg.verify == "never":
-        return
-    size = sum((store.root / n).stat().st_size for s in store.shards for n in s["sha256"]
-               if (store.root / n).exists())
-    if cfg.verify == "always" or size <= VERIFY_MAX_BYTES:
-        try:
-            store.verify()
-        except FileNotFoundError as e:
-            raise StoreError(f"store {store.root} lacks a shard file ({e.filename}); capture it again") from None
-
-
-def _sync_firing(sae: SparseAutoencoder, dist: _Dist) -> None:
-    """Make the dead-latent counter count the global batch: union of firing, sum of examples."""
-    def count(val: torch.Tensor, idx: torch.Tensor) -> None:
-        fired = torch.zeros(sae.cfg.n_latents, dtype=torch.int32, device=val.device)
-        fired[idx[val > 0]] = 1
-        n = torch.tensor([val.shape[0]], dtype=torch.int64, device=val.device)
-        dist.all_sum(fired)
-        dist.all_sum(n)
-        sae.tokens_since_fired += n
-        sae.tokens_since_fired[fired > 0] = 0
-
-    sae._count_firing = count  # instance override; state_dict and saving are unaffected
-
-
 def _new_window(n_layers: int) -> dict[str, Any]:
-    return {"steps": 0, "sums": [0.0, 0.0, 0.0, 0.0], "hist": torch.zeros(n_layers, dtype=torch.int64)}
+    """Sums over the steps since the last log line; ``route``: summed router margin, summed balance loss."""
+    return {"steps": 0, "sums": [0.0, 0.0, 0.0, 0.0], "hist": torch.zeros(n_layers, dtype=torch.int64),
+            "route": [0.0, 0.0]}
 
 
 def _log_record(step: int, cfg: TrainConfig, lr: float, win: dict, hist: bool, sae: SparseAutoencoder,
                 seconds: float, rows: int) -> dict[str, Any]:
-    """One metrics.jsonl line: window means of loss, nmse (recon), aux, l0 (non-zero latents/example)."""
+    """One metrics.jsonl line: window means of loss, nmse (recon), aux, l0 (non-zero latents/example);
+    RouteSAE also the window's routed-layer counts and fractions, their normalised entropy, the mean
+    router margin p_top1 - p_top2 and the mean layer-balance loss (routesae/sae/route_stats.py)."""
     n = max(win["steps"], 1)
     loss, recon, aux, l0 = (s / n for s in win["sums"])
-    return {"step": step, "tokens": step * cfg.batch_tokens, "lr": lr, "loss": loss, "nmse": recon, "aux": aux,
-            "l0": l0, "dead_frac": sae.dead_mask().float().mean().item(),
-            "routed_hist": win["hist"].tolist() if hist else None,
-            "tokens_per_s": rows / seconds if seconds > 0 else None}
-
-
-def _batches(store: Store, cfg: TrainConfig, r: dict, start: int):
-    """The training stream; unreadable shards become one-line StoreErrors."""
-    layer = r["layers"][0] if cfg.arch == "topk" else None
-    it = store.batches(cfg.batch_tokens, layer=layer, seed=cfg.seed, buffer_shards=cfg.buffer_shards,
-                       epochs=None, start_batch=start)
-    while True:
-        try:
-            batch = next(it)
-        except StoreError:
-            raise
-        except Exception as e:  # noqa: BLE001 - safetensors/OS errors from a damaged shard
-            raise StoreError(f"cannot read store {store.root} ({_one_line(e)}); a shard is damaged, capture "
-                             f"it again") from None
-        resid = batch.resid if r["positions"] is None else batch.resid[:, r["positions"]]
-        if not torch.isfinite(resid.sum()) and not torch.isfinite(resid).all():  # cheap test first
-            shard = int(batch.rows[~torch.isfinite(resid).flatten(1).all(1), 0][0])
-            raise StoreError(f"store {store.root} shard {shard} holds non-finite activations; capture it again")
-        yield resid
+    rec = {"step": step, "tokens": step * cfg.batch_tokens, "lr": lr, "loss": loss, "nmse": recon, "aux": aux,
+           "l0": l0, "dead_frac": sae.dead_mask().float().mean().item(),
+           "routed_hist": win["hist"].tolist() if hist else None,
+           "tokens_per_s": rows / seconds if seconds > 0 else None}
+    if hist:
+        margin, balance = win.get("route", [0.0, 0.0])
+        summary = routing_summary(win["hist"], margin)
+        rec.update(routed_frac=summary["fractions"], routed_entropy=summary["entropy"],
+                   router_margin=summary["margin"], route_balance_loss=balance / n)
+    return rec
 
 
 def train(cfg: TrainConfig, callback: Callable[[int, SparseAutoencoder, dict], None] | None = None) -> Path:
@@ -286,7 +198,7 @@ def train(cfg: TrainConfig, callback: Callable[[int, SparseAutoencoder, dict], N
     """
     cfg.validate()
     dev_name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dist = _Dist.from_env(cuda=dev_name.startswith("cuda"))
+    dist = Dist.from_env(cuda=dev_name.startswith("cuda"))
     try:
         return _train(cfg, dist, callback, dev_name)
     finally:
@@ -294,16 +206,16 @@ def train(cfg: TrainConfig, callback: Callable[[int, SparseAutoencoder, dict], N
             tdist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, dist: _Dist, callback, dev_name: str) -> Path:
+def _train(cfg: TrainConfig, dist: Dist, callback, dev_name: str) -> Path:
     device = torch.device(f"cuda:{dist.local_rank}" if dev_name == "cuda" and dist.world > 1 else dev_name)
     out, main = Path(cfg.out), dist.rank == 0
     wandb_module = _import_wandb(cfg, main)
     store = Store(cfg.store)
-    r = _resolve(cfg, store, dist.world)
+    r = resolve(cfg, store, dist.world)
     ckpt = check_out(out, cfg.resume)
     sae_cfg = SAEConfig(arch=cfg.arch, d_in=store.d_model, n_latents=r["latents"], k=cfg.k, layers=r["layers"],
                         routing=cfg.routing, pooling=cfg.pooling, router=cfg.router, aux_k=cfg.aux_k,
-                        aux_coef=cfg.aux_coef, dead_tokens=r["dead_tokens"],
+                        aux_coef=cfg.aux_coef, dead_tokens=r["dead_tokens"], route_balance=cfg.route_balance,
                         meta={"model": store.manifest.get("model", {}).get("name_or_path"),
                               "store": str(store.root)}).validate()
     identity = store.identity()
@@ -314,20 +226,15 @@ def _train(cfg: TrainConfig, dist: _Dist, callback, dev_name: str) -> Path:
         saved_sae = check_resume(cfg, state, ckpt, store, sae_cfg)
     else:
         check_restart(cfg, out, store)
-    _verify(cfg, store)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
-    sae = build_sae(sae_cfg)
-    if state is not None:
+    verify_store(cfg, store)
+    if state is None:
+        sae = initial_sae(cfg, sae_cfg, store, r, device)
+    else:
+        seed_everything(cfg.seed)
+        sae = build_sae(sae_cfg)
         sae.load_state_dict(saved_sae.state_dict())
-    sae.to(device).train()
-    if state is None:  # b_pre: geometric median of a separate seeded sample (the training stream is untouched)
-        per_row = len(r["layers"]) if cfg.arch == "mlsae" else 1
-        n = min(max(cfg.init_samples // per_row, 1), store.n_tokens)
-        sample = next(_batches(store, TrainConfig(**{**asdict(cfg), "seed": cfg.seed + 7919, "batch_tokens": n}),
-                               r, 0))
-        sae.init_from_sample(sample.to(device), max_samples=cfg.init_samples)
+        sae.to(device).train()
+    constraint = DecoderConstraint(cfg.decoder_norm, cfg.renorm_every)
     opt = torch.optim.Adam(sae.parameters(), lr=r["lr"], betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     step, total = 0, r["steps"]
     win = _new_window(len(r["layers"]))
@@ -338,7 +245,7 @@ def _train(cfg: TrainConfig, dist: _Dist, callback, dev_name: str) -> Path:
         step, win = int(state["step"]), state["window"]
     model: torch.nn.Module = sae
     if dist.world > 1:
-        _sync_firing(sae, dist)
+        sync_firing(sae, dist)
         ddp = torch.nn.parallel.DistributedDataParallel  # counters are synced by _sync_firing, not by DDP
         no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
                    else "broadcast_buffers")
@@ -377,7 +284,7 @@ def _train(cfg: TrainConfig, dist: _Dist, callback, dev_name: str) -> Path:
     saved: list[int | None] = [step if state is not None else None]
     wandb = _wandb(wandb_module, cfg, r, out)
     bar = _progress(cfg, main, total, step)
-    stream = _batches(store, cfg, r, step)
+    stream = batches(store, cfg, r, step)
     t0, rows0 = time.perf_counter(), 0
     hist_on, n_pos = cfg.arch == "routesae", len(r["layers"])
     metrics = open(out / "metrics.jsonl", "a") if main else None
@@ -392,24 +299,29 @@ def _train(cfg: TrainConfig, dist: _Dist, callback, dev_name: str) -> Path:
                     g["lr"] = lr
                 o = model(resid)
                 l0 = (o.top_val > 0).sum(-1).float().mean()
-                hist = torch.bincount(o.routed_layer, minlength=n_pos) if hist_on else l0.new_zeros(0)
+                route = l0.new_zeros(0)
+                if hist_on:  # summed margin, balance loss (a mean per rank), routed-layer histogram
+                    bal = o.balance_loss.detach() / dist.world
+                    route = torch.cat([torch.stack([margin_sum(o.router_probs), bal]),
+                                       torch.bincount(o.routed_layer, minlength=n_pos).float()])
                 stats = torch.cat([torch.stack([o.loss.detach(), o.recon_loss.detach(), o.aux_loss.detach(), l0,
-                                                torch.tensor(float(signals.flag), device=device)]), hist.float()])
-                vals = dist.all_sum(stats).tolist()  # one collective: summed means, flag, global histogram
+                                                torch.tensor(float(signals.flag), device=device)]), route])
+                vals = dist.all_sum(stats).tolist()  # one collective: summed means, flag, routing sums
                 vals[:5] = [v / dist.world for v in vals[:5]]
                 if not math.isfinite(vals[0]):
                     raise TrainingDiverged(f"loss became {vals[0]} at step {step + 1}; {last_good()}; lower --lr")
                 o.loss.backward()
-                sae.after_backward()
+                constraint.after_backward(sae)
                 opt.step()
-                sae.after_step()
+                constraint.after_step(sae, step + 1)
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 rows0 += cfg.batch_tokens
                 win["steps"] += 1
                 win["sums"] = [a + b for a, b in zip(win["sums"], vals[:4])]
                 if hist_on:
-                    win["hist"] += torch.tensor([round(v) for v in vals[5:]], dtype=torch.int64)
+                    win["route"] = [a + b for a, b in zip(win.setdefault("route", [0.0, 0.0]), vals[5:7])]
+                    win["hist"] += torch.tensor([round(v) for v in vals[7:]], dtype=torch.int64)
                 record = dict(zip(("loss", "nmse", "aux", "l0"), vals[:4]), step=step, lr=lr)
                 if step % cfg.log_every == 0 or step == total:
                     record = _log_record(step, cfg, lr, win, hist_on, sae, time.perf_counter() - t0, rows0)

@@ -94,13 +94,21 @@ class SparseAutoencoder(nn.Module):
         val, idx = self.encode(x)
         x_hat = self.decode(val, idx)
         recon = nmse(x_hat, x)
-        aux = x.new_zeros(())
+        aux, balance = x.new_zeros(()), None
         if self.training:
             self._count_firing(val, idx)
             aux = self.aux_loss(x, x_hat)
+            balance = self.balance_loss(prep)
         loss = recon + self.cfg.aux_coef * aux
+        if balance is not None and self.cfg.route_balance > 0:
+            loss = loss + self.cfg.route_balance * balance
         return SAEOutput(loss=loss, recon_loss=recon, aux_loss=aux, x=x, x_hat=x_hat, top_idx=idx,
-                         top_val=val, routed_layer=prep.routed_layer, router_probs=prep.probs)
+                         top_val=val, routed_layer=prep.routed_layer, router_probs=prep.probs,
+                         balance_loss=balance)
+
+    def balance_loss(self, prep: Prepared) -> Tensor | None:
+        """A loss that spreads examples over layers (RouteSAE overrides it); None without a router."""
+        return None
 
     def reconstruct(self, resid: Tensor) -> tuple[Tensor, Tensor | None]:
         """Reconstruction on the raw residual scale, to splice into the model.

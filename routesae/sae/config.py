@@ -35,8 +35,10 @@ def _check_types(c: SAEConfig) -> None:
             bad(name, "an integer")
     if not (isinstance(c.layers, list) and all(_is_int(x) and x >= 0 for x in c.layers)):
         bad("layers", "a list of non-negative integers")
-    if isinstance(c.aux_coef, bool) or not isinstance(c.aux_coef, (int, float)) or not math.isfinite(c.aux_coef):
-        bad("aux_coef", "a finite number")
+    for name in ("aux_coef", "route_balance"):
+        v = getattr(c, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            bad(name, "a finite number")
     for name in ("standardize", "bf16"):
         if not isinstance(getattr(c, name), bool):
             bad(name, "true or false")
@@ -60,6 +62,8 @@ class SAEConfig:
     aux_coef: weight of the AuxK loss. dead_tokens: examples without firing before a latent
       counts as dead. standardize: per-token standardisation of the inputs (REFERENCE §1).
     bf16: run the encoder matmul under bf16 autocast when on CUDA.
+    route_balance: RouteSAE: weight of the layer-balance loss ``L' sum_i f_i P_i`` added in training
+      (0 = the paper's router; see routesae/sae/route.py and docs/routesae.md).
     meta: free-form provenance (model, store, hook names); not used by the model.
     """
 
@@ -76,6 +80,7 @@ class SAEConfig:
     dead_tokens: int = 10_000_000
     standardize: bool = True
     bf16: bool = True
+    route_balance: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -122,6 +127,8 @@ class SAEConfig:
         if self.router == "ste" and self.routing != "hard":
             raise ValueError("router='ste' changes only hard routing (soft routing already trains the router); "
                              "use --routing hard or --router faithful")
+        if self.route_balance < 0 or (self.route_balance > 0 and self.arch != "routesae"):
+            raise ValueError(f"route_balance={self.route_balance} must be >= 0, and 0 unless arch is routesae")
         if self.aux_k < 0 or self.aux_coef < 0 or self.dead_tokens < 1:
             raise ValueError(f"aux_k={self.aux_k}, aux_coef={self.aux_coef} must be >= 0 and "
                              f"dead_tokens={self.dead_tokens} >= 1")
@@ -163,6 +170,8 @@ class SAEOutput:
     routed_layer: RouteSAE: [B] position in ``cfg.layers`` of each token's routed layer;
       MLSAE: [N] layer position of each example; TopKSAE: None.
     router_probs: RouteSAE: [B, L'] softmax weights; otherwise None.
+    balance_loss: RouteSAE in training: the layer-balance loss (weighted by ``cfg.route_balance``
+      in ``loss``; computed, for the logs, even when the weight is 0); otherwise None.
     """
 
     loss: Tensor
@@ -174,3 +183,4 @@ class SAEOutput:
     top_val: Tensor
     routed_layer: Tensor | None = None
     router_probs: Tensor | None = None
+    balance_loss: Tensor | None = None

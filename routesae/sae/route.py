@@ -9,6 +9,16 @@ The paper on one screen, for one token with raw residuals ``h_1 .. h_L'`` of the
     x_route = p_i* x_i*            (hard, the default)       or  sum_i p_i x_i  (soft)
     x_hat   = TopKSAE(x_route)     target: x_route itself    loss ||x_hat - x_route||^2 / ||x_route||^2
 
+Layer balance (ours, off by default; ``cfg.route_balance = lambda``), over a batch of B tokens, in
+the form of the Switch Transformer's load-balancing loss with layers in place of experts::
+
+    f_i    = (1/B) sum_t [i*_t = i]       share of tokens routed to layer i (no gradient)
+    P_i    = (1/B) sum_t p_t,i            mean router weight of layer i
+    L_bal  = L' sum_i f_i P_i             1 when both are uniform; loss += lambda * L_bal
+
+Its gradient lowers ``p_i`` on every token in proportion to ``f_i``, so the tokens nearest a
+decision boundary leave over-used layers first.
+
 With ``b_pre = b_enc = 0`` TopK is scale-equivariant and the loss scale-invariant, so the hard
 router's gradient is exactly zero; ``router="ste"`` (hard forward, soft backward) adds
 ``sum_i p_i x_i - stopgrad(sum_i p_i x_i)`` to ``x_route``: the forward value is unchanged and
@@ -74,6 +84,12 @@ class RouteSAE(SparseAutoencoder):
         if mean is not None:
             mean, std = mean[rows, pos], std[rows, pos]
         return Prepared(x, mean, std, routed_layer=pos, probs=probs)
+
+    def balance_loss(self, prep: Prepared) -> Tensor:
+        """``L' sum_i f_i P_i`` of the batch (see the module docstring)."""
+        probs, n_layers = prep.probs, self.cfg.n_layers
+        f = torch.bincount(prep.routed_layer, minlength=n_layers).to(probs.dtype) / probs.shape[0]
+        return n_layers * (f.detach() * probs.mean(0)).sum()
 
     def reconstruct(self, resid: Tensor) -> tuple[Tensor, Tensor | None]:
         """``(h_hat [B, d], layer_pos [B])``: each token's routed layer on the raw residual scale.
