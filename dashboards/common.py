@@ -32,6 +32,7 @@ import streamlit as st
 
 from routesae.report.html import context_html
 from routesae.report.load import Analysis, as_list, load_analysis
+from routesae.report.routed_layers import read_jsonl
 
 RUN_ENV = "ROUTESAE_RUN"
 MODEL_ENV = "ROUTESAE_MODEL"
@@ -146,19 +147,6 @@ def feature_table(a: Analysis) -> pd.DataFrame:
     if "top_token" in t:
         t["top_token"] = t["top_token"].map(lambda s: None if s is None else visible(s))
     return t.reset_index(drop=True)
-
-
-def read_jsonl(path: Path) -> pd.DataFrame:
-    """``metrics.jsonl`` as a frame (bad lines skipped); empty when absent."""
-    if not path.is_file():
-        return pd.DataFrame()
-    recs = []
-    for line in path.read_text().splitlines():
-        try:
-            recs.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return pd.DataFrame(recs)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)

@@ -15,6 +15,8 @@ over the first ``tokens`` store tokens in shard order:
 - ``raw_space``: the same NMSE / EV of ``reconstruct`` (the residual scale a splice writes)
   against the raw residual it replaces (RouteSAE: each token's routed layer).
 - ``per_layer``: RouteSAE: the tokens routed to each layer; MLSAE: each layer's examples.
+- ``routed_layers`` (RouteSAE): tokens per routed layer (``counts``, ``fractions``), their normalised
+  entropy ``entropy`` and the router's mean ``margin`` p_top1 - p_top2 (routesae/sae/route_stats.py).
 - ``splice`` (with a model): whole store contexts, CE of the next token at every real position
   with a real successor, clean / spliced / zero-ablated; ``ce_recovered = (CE_zero - CE_spliced)
   / (CE_zero - CE_clean)``; ``kl`` = KL(clean || spliced) of the next-token distribution averaged
@@ -55,6 +57,7 @@ from routesae.model_match import CHECK_CONTEXTS, capture_hook, check_model, forw
 from routesae.models.intervene import override_routing
 from routesae.models.load import ModelConfig, first_device, is_local_spec, load_model, resolve_device
 from routesae.sae import SparseAutoencoder, load_sae
+from routesae.sae.route_stats import count_layers, margin_sum, routing_summary
 from routesae.store import Store, StoreError
 from routesae.store_contexts import context_batch, store_contexts, stored_rows
 
@@ -160,7 +163,7 @@ def _reconstruction_metrics(sae: SparseAutoencoder, store: Store, n_tokens: int,
     raw_per = [_Moments() for _ in range(n_pos)]
     fired = torch.zeros(c.n_latents, dtype=torch.float64)
     hist = torch.zeros(n_pos, dtype=torch.int64)
-    p_star, tokens = 0.0, 0
+    p_star, margin, tokens = 0.0, 0.0, 0
     for resid in _rows(store, c.layers, arch == "topk", n_tokens, batch):
         resid = resid.to(device)
         out = sae(resid)
@@ -175,8 +178,9 @@ def _reconstruction_metrics(sae: SparseAutoencoder, store: Store, n_tokens: int,
         elif arch == "routesae":
             target = resid[rows, pos]
             raw_all.add(target, h_hat)
-            hist += torch.bincount(pos, minlength=n_pos).cpu()
+            hist += count_layers(pos, n_pos).cpu()
             p_star += float(out.router_probs[rows, pos].sum())
+            margin += float(margin_sum(out.router_probs))
             for i in range(n_pos):
                 sel = pos == i
                 sae_per[i].add(out.x[sel], out.x_hat[sel], l0[sel])
@@ -204,8 +208,9 @@ def _reconstruction_metrics(sae: SparseAutoencoder, store: Store, n_tokens: int,
         res["per_layer"] = [{"layer": j, "sae_space": sae_per[i].result(),
                              "raw_space": raw_per[i].result(with_l0=False)} for i, j in enumerate(c.layers)]
     if arch == "routesae":
-        res["routed_layers"] = {"layers": c.layers, "counts": hist.tolist(),
-                                "fractions": (hist.double() / tokens).tolist()}
+        summary = routing_summary(hist, margin)
+        res["routed_layers"] = {"layers": c.layers, "counts": hist.tolist(), "fractions": summary["fractions"],
+                                "entropy": summary["entropy"], "margin": summary["margin"]}
         res["mean_p_star"] = p_star / tokens
     return res
 
@@ -433,6 +438,10 @@ DEFINITIONS = {
     "ce_*": "mean next-token cross-entropy over real positions with a real next token (tokens_ce)",
     "ce_recovered": "(CE_zero_ablated - CE_spliced) / (CE_zero_ablated - CE_clean)",
     "kl": "KL(clean || spliced) of the next-token distribution, mean over real tokens (tokens_real)",
+    "routed_layers.entropy": "-sum_i f_i log f_i / log L' over the routed-layer fractions f_i (1 = every "
+                             "layer used equally, 0 = one layer)",
+    "routed_layers.margin": "mean over the evaluated tokens of p_top1 - p_top2, the router's two largest "
+                            "weights (0 = a coin toss between two layers)",
     "splice": "routesae: one pass, block j's output replaced at the tokens routed to j (routing from the "
               "clean pass, reconstruction divided by p_i* and de-standardised; soft routing: not spliced); "
               "topk: its layer; mlsae: "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -59,6 +60,18 @@ def _ev(x, x_hat):
     return 1 - float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
 
+def _routing_by_hand(got, sae, h):
+    """eval.json's routed-layer entropy from its counts, and its margin from ``sae.route`` on the same rows."""
+    rl = got["routed_layers"]
+    f = [c / sum(rl["counts"]) for c in rl["counts"]]
+    assert rl["fractions"] == pytest.approx(f)
+    assert rl["entropy"] == pytest.approx(-sum(x * math.log(x) for x in f if x > 0) / math.log(len(f)), abs=1e-12)
+    probs, _ = sae.route(h)
+    p = probs.double().sort(-1, descending=True).values
+    assert rl["margin"] == pytest.approx(float((p[:, 0] - p[:, 1]).mean()), rel=1e-5)
+    assert 0 < rl["entropy"] <= 1 and 0 < rl["margin"] < 1
+
+
 @torch.no_grad()
 def test_metrics_by_hand_topk_and_routesae(store, tmp_path):
     h = _all_rows(store, LAYERS)
@@ -89,6 +102,7 @@ def test_metrics_by_hand_topk_and_routesae(store, tmp_path):
     assert got["sae_space"]["explained_variance"] == pytest.approx(_ev(xr.double(), xr_hat.double()), rel=1e-5)
     assert sum(p["sae_space"].get("examples", 0) for p in got["per_layer"]) == store.n_tokens
     assert got["mean_p_star"] == pytest.approx(float(probs.max(-1).values.mean()), rel=1e-5)
+    _routing_by_hand(got, rsae, h)
 
 
 def test_perfect_and_zero_sae_and_mlsae_per_layer(store, tmp_path):
@@ -181,6 +195,7 @@ def test_soft_routing_is_not_spliced_and_says_why(store, tmp_path):
     x_hat = soft.decode(*soft.encode(x))
     assert got["sae_space"]["explained_variance"] == pytest.approx(_ev(x.double(), x_hat.double()), rel=1e-5)
     assert json.loads((tmp_path / "soft" / "eval.json").read_text())["splice"]["skipped"] == SOFT_ROUTING
+    _routing_by_hand(got, soft, h)  # soft routing has router weights too
     res = CliRunner().invoke(app, ["evaluate", str(tmp_path / "soft"), "--store", str(store.root), "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert f"no splice: {SOFT_ROUTING}" in res.output and "CE clean" not in res.output

@@ -1,4 +1,4 @@
-"""Overview: the model, corpus and SAE, training curves, evaluation, routed layers, latent counts."""
+"""Overview: the model, corpus and SAE, training curves, evaluation, routed layers (entropy, margin), latent counts."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from figures_extra import TRAIN_METRICS, training_curve
 
 from routesae.report import facts
 from routesae.report import figures as F
+from routesae.report import routed_layers as RL
 
 a, ix = get_analysis()
 s = a.summary
@@ -90,9 +91,21 @@ else:
         e2.caption("Reconstruction per SAE layer")
         e2.dataframe(per, hide_index=True, width="stretch")
 
-st.plotly_chart(F.routed_layer_histogram(F.routed_layer_counts(a.eval, a.latents)), key="routed_hist")
-st.caption("How often each SAE layer is the routed one: tokens from eval.json, else latents by their top "
+# ---- routed layers (RouteSAE): histogram, entropy and margin (eval.json), curves over training (metrics.jsonl)
+diag = RL.eval_diagnostics(a.eval)
+h1, h2 = st.columns([3, 1]) if diag else (st.container(), None)
+h1.plotly_chart(F.routed_layer_histogram(F.routed_layer_counts(a.eval, a.latents)), key="routed_hist")
+h1.caption("How often each SAE layer is the routed one: tokens from eval.json, else latents by their top "
            "routed layer.")
+if "entropy" in diag:
+    h2.metric("routed-layer entropy H", f"{diag['entropy']:.2f}", help=RL.ENTROPY_HELP)
+if "margin" in diag:
+    h2.metric("router margin p1 - p2", f"{diag['margin']:.2f}", help=RL.MARGIN_HELP)
+if not a.routing_log.empty:
+    layers = a.config.get("layers") or a.eval.get("layers") or []
+    t1, t2 = st.columns(2)
+    t1.plotly_chart(RL.fractions_figure(a.routing_log, layers), key="routed_frac_train")
+    t2.plotly_chart(RL.entropy_figure(a.routing_log), key="routed_entropy_train")
 
 with st.expander("SAE config (config.json)"):
     st.dataframe(pd.DataFrame([(k, facts.num(v)) for k, v in facts.config_rows(a)], columns=["name", "value"]),

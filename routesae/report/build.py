@@ -1,6 +1,7 @@
 """``routesae report RUN``: render ``RUN/analysis/`` as HTML, Markdown, CSV/Parquet tables and JSON.
 
-Reads only the analysis folder (plus ``RUN/config.json`` and ``RUN/eval.json``); recomputes nothing.
+Reads only the analysis folder (plus ``RUN/config.json``, ``RUN/eval.json`` and the routing keys of
+``RUN/metrics.jsonl``); recomputes nothing.
 Every file is written atomically; nothing is printed.
 """
 

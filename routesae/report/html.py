@@ -17,6 +17,7 @@ from plotly.offline import get_plotlyjs
 
 from routesae.report import facts
 from routesae.report import figures as F
+from routesae.report import routed_layers as RL
 from routesae.report.load import Analysis, as_list, pick_layers, scalar, top_features
 
 CSS = """
@@ -131,7 +132,18 @@ def _evaluation(a: Analysis, fig: Figures) -> str:
     counts = F.routed_layer_counts(a.eval, a.latents)
     if not counts.empty:
         parts.append(fig(F.routed_layer_histogram(counts)))
+    parts.append(_routed_diagnostics(a, fig))
     return "<section>" + "".join(parts) + "</section>"
+
+
+def _routed_diagnostics(a: Analysis, fig: Figures) -> str:
+    """RouteSAE: routed-layer entropy and router margin (eval.json), their curves over training (metrics.jsonl)."""
+    parts = [f"<p>{esc(line)}</p>" for line in RL.diagnostic_lines(a.eval)]
+    if not a.routing_log.empty:
+        layers = as_list(a.config.get("layers") or a.eval.get("layers") or [])
+        parts.append("<div class='grid'>" + fig(RL.fractions_figure(a.routing_log, layers))
+                     + fig(RL.entropy_figure(a.routing_log)) + "</div>")
+    return "".join(parts)
 
 
 SELECTIVITY_NOTE = (

@@ -53,6 +53,8 @@ class Analysis:
     latent_experts: pd.DataFrame = field(default_factory=pd.DataFrame)
     expert_latents: pd.DataFrame = field(default_factory=pd.DataFrame)
     routing: Any = None  # RUN/routing/ (analyze-routing), a routesae.report.routing.RoutingResults or None
+    # RUN/metrics.jsonl lines with routed-layer fractions (routesae.report.routed_layers.routing_log); may be empty
+    routing_log: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def tables(self) -> dict[str, pd.DataFrame]:
@@ -117,11 +119,12 @@ def load_analysis(run: str | Path) -> Analysis:
             tables[name] = pd.read_parquet(path)
     summary = _read_json(ana / "summary.json")
     ev = _read_json(run / "eval.json") or dict(summary.get("eval") or {})
+    from routesae.report.routed_layers import read_routing_log
     from routesae.report.routing import ROUTING_DIR, load_routing
 
     return Analysis(run=run, dir=ana, summary=summary, settings=_read_json(ana / "settings.json"),
                     feature_count=_read_json(ana / "feature_count.json"), config=_read_json(run / "config.json"),
-                    eval=ev, routing=load_routing(run / ROUTING_DIR), **tables)
+                    eval=ev, routing=load_routing(run / ROUTING_DIR), routing_log=read_routing_log(run), **tables)
 
 
 # ---------------------------------------------------------------- helpers for the renderers

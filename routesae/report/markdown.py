@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from routesae.report import facts
+from routesae.report import routed_layers as RL
 from routesae.report.figures import bucket_order
 from routesae.report.load import Analysis, as_list, pick_layers, scalar, top_features
 
@@ -64,6 +65,7 @@ def render_markdown(a: Analysis, top_n: int = 30) -> str:
             out += ["\n**Per layer**\n\n", md_table(per)]
     else:
         out.append("_no eval.json: run `routesae evaluate RUN`_\n")
+    out.append(_routed_md(a))
 
     if a.has_experts:  # a dense model has no expert section
         out.append(_experts_md(a))
@@ -90,6 +92,17 @@ def render_markdown(a: Analysis, top_n: int = 30) -> str:
     for i in ids:
         out.append(_feature_md(a, i))
     return "".join(out)
+
+
+def _routed_md(a: Analysis) -> str:
+    """RouteSAE: routed-layer fractions, entropy and router margin (eval.json), first and last values over
+    training (metrics.jsonl); nothing for other SAEs or older files."""
+    lines = RL.diagnostic_lines(a.eval) + [RL.over_training_line(a.routing_log)]
+    lines = [x for x in lines if x]
+    if not lines:
+        return ""
+    lines = [RL.fraction_line(a.eval) or ""] + lines
+    return "\n**Routed layers**\n" + "".join(f"\n{md(line)}\n" for line in lines if line)
 
 
 def _experts_md(a: Analysis) -> str:
