@@ -72,6 +72,32 @@ def evaluate_once(run: Path, store: str, tokens: int, splice_contexts: int | Non
                                device="cpu"))
 
 
+def feature_count_once(run: Path, store: str, tokens: int, fire_fraction: float) -> dict:
+    """The interpretable-feature count of ``run`` on ``store`` (cached in ``RUN/feature_count_val_TOKENS.json``)."""
+    path = run / f"feature_count_val_{tokens}{'' if fire_fraction == 0.5 else f'_f{fire_fraction:g}'}.json"
+    want = {"store": str(store), "tokens": tokens, "fire_fraction": fire_fraction}
+    if path.exists():
+        got = json.loads(path.read_text())
+        if all(got.get(k) == v for k, v in want.items()):
+            return got
+    from routesae.analyze.features import feature_tables
+    from routesae.sae import load_sae
+    from routesae.store import Store
+
+    sae = load_sae(run).eval()
+    t = feature_tables(sae, Store(store), model=None, max_tokens=tokens, fire_fraction=fire_fraction)
+    lat = t["latents"]
+    fc = t["feature_count"].iloc[0]
+    keep = lat[lat["interpretable"]]
+    per_layer = {int(j): int((keep["top_routed_layer"] == j).sum()) for j in sae.cfg.layers}
+    res = {**want, "count": int(fc["count"]), "tokens_counted": int(fc["tokens"]),
+           "alive": int((lat["count"] > 0).sum()), "per_routed_layer": per_layer,
+           "settings": {k: (v.item() if hasattr(v, "item") else v) for k, v in fc.items()
+                        if k not in ("count", "tokens", "domains")}}
+    path.write_text(json.dumps(res, indent=2) + "\n")
+    return res
+
+
 def metrics_row(ev: dict) -> dict[str, Any]:
     """The headline numbers of one ``eval.json``: NMSE, explained variance, L0, dead fraction, CE
     recovered, KL per token (MLSAE: the mean over its one-layer splices) and routed-layer fractions."""

@@ -36,6 +36,7 @@ from experiment_steps import (  # noqa: E402
     ROOT,
     capture_stores,
     evaluate_once,
+    feature_count_once,
     fmt,
     markdown_table,
     metrics_row,
@@ -63,32 +64,6 @@ FIG = ROOT / "docs" / "figures"
 def methods(args) -> dict[str, dict]:
     """METHODS plus a TopK SAE at each ``--extra-topk-layers`` block (a check, not a baseline of the paper)."""
     return {**METHODS, **{f"TopK (block {j})": {"arch": "topk", "layer": j} for j in args.extra_topk_layers}}
-
-
-def feature_count_once(run: Path, store: str, tokens: int, fire_fraction: float) -> dict:
-    """The interpretable-feature count of ``run`` on ``store`` (cached in ``RUN/feature_count_val_TOKENS.json``)."""
-    path = run / f"feature_count_val_{tokens}.json"
-    want = {"store": str(store), "tokens": tokens, "fire_fraction": fire_fraction}
-    if path.exists():
-        got = json.loads(path.read_text())
-        if all(got.get(k) == v for k, v in want.items()):
-            return got
-    from routesae.analyze.features import feature_tables
-    from routesae.sae import load_sae
-    from routesae.store import Store
-
-    sae = load_sae(run).eval()
-    t = feature_tables(sae, Store(store), model=None, max_tokens=tokens, fire_fraction=fire_fraction)
-    lat = t["latents"]
-    fc = t["feature_count"].iloc[0]
-    keep = lat[lat["interpretable"]]
-    per_layer = {int(j): int((keep["top_routed_layer"] == j).sum()) for j in sae.cfg.layers}
-    res = {**want, "count": int(fc["count"]), "tokens_counted": int(fc["tokens"]),
-           "alive": int((lat["count"] > 0).sum()), "per_routed_layer": per_layer,
-           "settings": {k: (v.item() if hasattr(v, "item") else v) for k, v in fc.items()
-                        if k not in ("count", "tokens", "domains")}}
-    path.write_text(json.dumps(res, indent=2) + "\n")
-    return res
 
 
 def run_all(args) -> dict:
