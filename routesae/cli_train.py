@@ -35,8 +35,11 @@ def train(
                                               "see docs/routesae.md."),
     b_pre_init: str | None = typer.Option(None, help="median (geometric median of a sample) or zero "
                                                      "[recipe]."),
-    enc_init: str | None = typer.Option(None, help="transpose (W_enc = W_dec^T) or linear (nn.Linear's "
-                                                   "default) [recipe]."),
+    enc_init: str | None = typer.Option(None, help="transpose (W_enc = W_dec^T), linear (nn.Linear's "
+                                                   "default) or fit (transpose, scaled for the least-squares "
+                                                   "best first reconstruction) [recipe]."),
+    center_init: str | None = typer.Option(None, help="routesae: zero (the paper) or median (each layer's "
+                                                      "centre = the geometric median of its rows) [recipe]."),
     decoder_norm: str | None = typer.Option(None, help="project (gradient projection + renormalise every "
                                                        "step) or renorm (every --renorm-every steps) [recipe]."),
     renorm_every: int | None = typer.Option(None, help="Steps between decoder renormalisations with "
@@ -74,7 +77,8 @@ def train(
             if lr_schedule not in schedules:
                 raise ValueError(f"unknown --lr-schedule {lr_schedule!r}; choose warmup-decay or constant")
             opts["warmup_frac"], opts["decay_frac"] = schedules[lr_schedule]
-        given = {"lr": lr, "b_pre_init": b_pre_init, "enc_init": enc_init, "decoder_norm": decoder_norm,
+        given = {"lr": lr, "b_pre_init": b_pre_init, "enc_init": enc_init, "center_init": center_init,
+                 "decoder_norm": decoder_norm,
                  "renorm_every": renorm_every, "aux_k": aux_k}
         opts.update({name: v for name, v in given.items() if v is not None})
         cfg = TrainConfig(store=str(store), out=str(out), arch=arch, k=k, expansion=expansion, latents=latents,

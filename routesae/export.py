@@ -83,12 +83,13 @@ def fold_ratio(d: int) -> float:
     return math.sqrt(d / (d - 1))
 
 
-def saelens_weights(sae: SparseAutoencoder, router_weight: float = 1.0) -> dict[str, torch.Tensor]:
+def saelens_weights(sae: SparseAutoencoder, router_weight: float = 1.0,
+                    center: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """SAELens tensors, float32 on the CPU, with the standardisation and ``router_weight`` folded in.
 
-    With standardisation: ``W_enc r``, ``b_enc / q``, ``b_pre / (q r)``, ``W_dec / r`` (``q`` the router
-    weight, ``r`` :func:`fold_ratio`); without: the same with ``r = 1`` (then ``normalize_activations``
-    is "none").
+    With standardisation: ``W_enc r``, ``b_enc / q``, ``(b_pre / q + c) / r``, ``W_dec / r`` (``q`` the
+    router weight, ``c`` the layer's RouteSAE centre (0 otherwise), ``r`` :func:`fold_ratio`); without:
+    the same with ``r = 1`` (then ``normalize_activations`` is "none").
     """
     def t(p: torch.Tensor) -> torch.Tensor:
         return p.detach().to("cpu", torch.float64)
@@ -96,7 +97,7 @@ def saelens_weights(sae: SparseAutoencoder, router_weight: float = 1.0) -> dict[
     r = fold_ratio(sae.cfg.d_in) if sae.cfg.standardize else 1.0
     q = float(router_weight)
     out = {"W_enc": t(sae.W_enc) * r, "W_dec": t(sae.W_dec) / r, "b_enc": t(sae.b_enc) / q,
-           "b_dec": t(sae.b_pre) / (q * r)}
+           "b_dec": (t(sae.b_pre) / q + (t(center) if center is not None else 0.0)) / r}
     return {k: v.float().contiguous() for k, v in out.items()}
 
 
@@ -286,10 +287,12 @@ def export_saelens(run: str | Path, out_dir: str | Path, router_weight: float | 
                              f"is damaged")
         folders.append(folder)
     weights, source = _router_weights(sae, run, router_weight, store)
-    for layer, folder in zip(c.layers, folders):
+    centers = getattr(sae, "layer_center", None)
+    for i, (layer, folder) in enumerate(zip(c.layers, folders)):
         folder.mkdir(parents=True, exist_ok=True)
         q = weights[layer]
-        atomic_write_bytes(folder / WEIGHTS_FILE, st_save(saelens_weights(sae, q), metadata={"format": "pt"}))
+        tensors = saelens_weights(sae, q, centers[i] if centers is not None else None)
+        atomic_write_bytes(folder / WEIGHTS_FILE, st_save(tensors, metadata={"format": "pt"}))
         cfg = saelens_config(sae, layer, q, source)
         atomic_write_bytes(folder / CFG_FILE, (json.dumps(cfg, indent=2) + "\n").encode())
     readme = out / README

@@ -6,7 +6,8 @@ one change at a time (``analyses/recipe_ablation.py``)::
     option         default                                   reference (the public RouteSAE code)
     b_pre_init     "median": geometric median of a sample     "zero"
     enc_init       "transpose": W_enc = W_dec^T, unit rows    "linear": nn.Linear's U(+-1/sqrt(d)); W_dec = its
-                                                                transpose with unit rows
+                   ("fit": then scaled, see below)             transpose with unit rows
+    center_init    "zero" (RouteSAE's layer centres c_i)      "zero"
     decoder_norm   "project": remove the gradient's radial    "renorm": no projection; rows renormalised
                    part, renormalise after every step          every ``renorm_every`` (10) steps
     warmup_frac /  0.05 / 0.2: linear warm-up, constant,      0 / 0: constant
@@ -18,6 +19,12 @@ Both keep ``b_enc = 0`` at the start, per-token standardisation, the normalised-
 (0.9, 0.999) and uniformly shuffled minibatches. One difference stays: our TopK keeps a ReLU
 after the top-k (the reference code keeps negative pre-activations; with standardised inputs the
 k largest of M pre-activations are almost always positive, so the two rarely differ).
+
+Two options of ours are in neither recipe until the study of docs/RESULTS.md picks them:
+``enc_init="fit"`` (W_enc = c W_dec^T with the one scalar c that makes the first reconstruction
+the least-squares best on the init sample; the top-k set does not depend on c while b_enc = 0) and
+``center_init="median"`` (RouteSAE: each layer's centre is the geometric median of its
+standardised rows; see routesae/sae/route.py).
 
 ``TrainConfig(store=..., out=..., **recipe_options("reference"))`` trains with the reference
 recipe; ``routesae train --recipe reference`` does the same, and any option given explicitly
@@ -32,13 +39,14 @@ from typing import Any
 import torch
 
 RECIPES: dict[str, dict[str, Any]] = {
-    "default": {"b_pre_init": "median", "enc_init": "transpose", "decoder_norm": "project", "renorm_every": 10,
-                "warmup_frac": 0.05, "decay_frac": 0.2, "aux_k": 256, "lr": None},
-    "reference": {"b_pre_init": "zero", "enc_init": "linear", "decoder_norm": "renorm", "renorm_every": 10,
-                  "warmup_frac": 0.0, "decay_frac": 0.0, "aux_k": 0, "lr": 5e-4},
+    "default": {"b_pre_init": "median", "enc_init": "transpose", "center_init": "zero", "decoder_norm": "project",
+                "renorm_every": 10, "warmup_frac": 0.05, "decay_frac": 0.2, "aux_k": 256, "lr": None},
+    "reference": {"b_pre_init": "zero", "enc_init": "linear", "center_init": "zero", "decoder_norm": "renorm",
+                  "renorm_every": 10, "warmup_frac": 0.0, "decay_frac": 0.0, "aux_k": 0, "lr": 5e-4},
 }
 B_PRE_INITS = ("median", "zero")
-ENC_INITS = ("transpose", "linear")
+ENC_INITS = ("transpose", "linear", "fit")
+CENTER_INITS = ("zero", "median")
 DECODER_NORMS = ("project", "renorm")
 
 
@@ -88,3 +96,19 @@ class DecoderConstraint:
         """Renormalise rows after optimiser step ``step`` (1-based): every step, or every ``every``-th."""
         if self.how == "project" or step % self.every == 0:
             sae.after_step()
+
+
+@torch.no_grad()
+def fit_encoder_scale(sae: torch.nn.Module, sample: torch.Tensor) -> float:
+    """Scale ``W_enc`` by the ``c > 0`` minimising ``sum ||x - b_pre - c W_dec^T z||^2`` over ``sample``
+    (raw store rows), ``z`` the code at scale 1; return ``c``. With ``b_enc = 0`` the top-k set does not
+    depend on ``c`` and the code scales with it, so this is the least-squares best first reconstruction
+    (a transposed unit-norm encoder over-shoots: the k chosen directions all lean towards ``x``)."""
+    from .sae.kernels import sparse_decode
+
+    x = sae.sae_input(sample)
+    rec = sparse_decode(*sae.encode(x), sae.W_dec)
+    c = float((x - sae.b_pre).mul(rec).sum() / rec.pow(2).sum().clamp_min(1e-12))
+    c = max(c, 1e-3)
+    sae.W_enc.mul_(c)
+    return c

@@ -59,7 +59,7 @@ import torch.distributed as tdist
 from .atomic import atomic_write_json
 from .checkpoint import StopOnSignal, load_state, restoring, rewind_log, rng_state, save_checkpoint, set_rng_state
 from .heldout import check_eval_store, record_eval_store, store_record
-from .recipe import B_PRE_INITS, DECODER_NORMS, ENC_INITS, DecoderConstraint
+from .recipe import B_PRE_INITS, CENTER_INITS, DECODER_NORMS, ENC_INITS, DecoderConstraint
 from .run_guard import check_out, check_restart, check_resume
 from .sae import SAEConfig, SparseAutoencoder, build_sae
 from .sae.config import ARCHS
@@ -118,6 +118,7 @@ class TrainConfig:
     eval_store: str | None = None  # a held-out store recorded in RUN/eval_store.json (routesae/heldout.py)
     b_pre_init: str = "median"  # the recipe options of routesae/recipe.py (default recipe shown)
     enc_init: str = "transpose"
+    center_init: str = "zero"
     decoder_norm: str = "project"
     renorm_every: int = 10
     route_balance: float = 0.0  # RouteSAE: weight of the layer-balance loss (routesae/sae/route.py)
@@ -147,13 +148,16 @@ class TrainConfig:
             bad(f"warmup_frac={self.warmup_frac} and decay_frac={self.decay_frac} must be in [0, 1] with sum <= 1")
         if self.ckpt_every < 1 or self.log_every < 1 or self.buffer_shards < 1 or self.init_samples < 1:
             bad("ckpt_every, log_every, buffer_shards and init_samples must be at least 1")
-        for name, allowed in (("b_pre_init", B_PRE_INITS), ("enc_init", ENC_INITS), ("decoder_norm", DECODER_NORMS)):
+        for name, allowed in (("b_pre_init", B_PRE_INITS), ("enc_init", ENC_INITS), ("center_init", CENTER_INITS),
+                              ("decoder_norm", DECODER_NORMS)):
             if getattr(self, name) not in allowed:
                 bad(f"unknown --{name.replace('_', '-')} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
         if self.renorm_every < 1:
             bad(f"--renorm-every {self.renorm_every} must be at least 1")
         if not (math.isfinite(self.route_balance) and self.route_balance >= 0):
             bad(f"--route-balance {self.route_balance} must be a finite number >= 0")
+        if self.center_init != "zero" and self.arch != "routesae":
+            bad(f"--center-init sets RouteSAE's layer centres; --arch {self.arch} has none (drop it)")
         if self.route_balance > 0 and self.arch != "routesae":
             bad(f"--route-balance balances RouteSAE's layers; --arch {self.arch} has no router (drop it)")
         if self.verify not in ("auto", "always", "never"):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from .recipe import init_encoder_linear
+from .recipe import fit_encoder_scale, init_encoder_linear
 from .sae import SAEConfig, SparseAutoencoder, build_sae
 from .store import Store, StoreError
 
@@ -152,18 +152,25 @@ def initial_sae(cfg: TrainConfig, sae_cfg: SAEConfig, store: Store, r: dict, dev
                 ) -> SparseAutoencoder:
     """A new SAE on ``device`` in training mode, initialised as the recipe says (routesae/recipe.py).
 
-    ``enc_init="linear"`` redraws the encoder as nn.Linear does (decoder = its normalised transpose);
-    ``b_pre_init="median"`` sets ``b_pre`` to the geometric median of a separate seeded sample of the
-    store (the training stream is untouched), ``"zero"`` leaves it at 0. ``b_enc`` starts at 0 in both.
+    ``enc_init="linear"`` redraws the encoder as nn.Linear does (decoder = its normalised transpose).
+    From a separate seeded sample of the store (the training stream is untouched), in this order:
+    ``center_init="median"`` sets RouteSAE's layer centres, ``b_pre_init="median"`` sets ``b_pre`` to
+    the geometric median of the SAE's inputs (``"zero"`` leaves it at 0), ``enc_init="fit"`` scales
+    the encoder (routesae/recipe.py). ``b_enc`` starts at 0 in every recipe.
     """
     seed_everything(cfg.seed)
     sae = build_sae(sae_cfg).to(device).train()
     if cfg.enc_init == "linear":
         init_encoder_linear(sae)
-    if cfg.b_pre_init == "median":
+    if "median" in (cfg.b_pre_init, cfg.center_init) or cfg.enc_init == "fit":
         per_row = len(r["layers"]) if cfg.arch == "mlsae" else 1
         n = min(max(cfg.init_samples // per_row, 1), store.n_tokens)
         sample_cfg = replace(cfg, seed=cfg.seed + 7919, batch_tokens=n)
-        sample = next(batches(store, sample_cfg, r, 0))
-        sae.init_from_sample(sample.to(device), max_samples=cfg.init_samples)
+        sample = next(batches(store, sample_cfg, r, 0)).to(device)
+        if cfg.center_init == "median":
+            sae.init_layer_centers(sample, max_samples=cfg.init_samples)
+        if cfg.b_pre_init == "median":
+            sae.init_from_sample(sample, max_samples=cfg.init_samples)
+        if cfg.enc_init == "fit":
+            fit_encoder_scale(sae, sample[:cfg.init_samples])
     return sae

@@ -27,6 +27,8 @@ def _trained_like(arch, layers, seed=0, biases=True, d=D, **kw):
             sae.b_enc.normal_(0, 0.5)
             sae.b_enc -= 1.5  # many pre-activations negative: top-k then ReLU zeroes some of the k
             sae.b_pre.normal_(0, 0.3)
+            if arch == "routesae":
+                sae.layer_center.normal_(0, 0.3)  # RouteSAE's per-layer centres fold into each folder's b_dec
         sae.W_enc.mul_(torch.rand(M) + 0.5)
     return sae.eval()
 

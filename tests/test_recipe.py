@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from routesae.cli import app
 from routesae.recipe import RECIPES, recipe_name, recipe_options
-from routesae.sae import SAEConfig, build_sae
+from routesae.sae import SAEConfig, build_sae, load_sae
 from routesae.sae.base import Prepared
 from routesae.sae.route_stats import normalised_entropy
 from routesae.store import Store, StoreWriter
@@ -157,3 +157,50 @@ def test_cli_recipe_and_explicit_options(store, tmp_path):
                                    "--route-balance", "0.1"])
     assert res.exit_code == 2 and "--route-balance balances RouteSAE's layers" in res.output
     assert not (tmp_path / "bad").exists()
+
+
+def _weiszfeld(x: torch.Tensor, iters: int = 200) -> torch.Tensor:
+    """Geometric median by plain Weiszfeld iterations (the test's own oracle)."""
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1 / (x - y).norm(dim=-1).clamp_min(1e-9)
+        y = (w[:, None] * x).sum(0) / w.sum()
+    return y
+
+
+@torch.no_grad()
+def test_layer_centres_and_encoder_fit(tmp_path):
+    syn = collapsing_store(tmp_path / "store")
+    cfg = _cfg(syn, tmp_path / "r", center_init="median", enc_init="fit", k=4)
+    s = Store(syn)
+    r = resolve(cfg, s, 1)
+    sae_cfg = SAEConfig(arch="routesae", d_in=s.d_model, n_latents=r["latents"], k=4, layers=r["layers"])
+    sae = initial_sae(cfg, sae_cfg, s, r, "cpu")
+    sample = torch.cat([s.load_resid(i) for i in range(len(s.shards))]).float()
+    xs = (sample - sample.mean(-1, keepdim=True)) / (sample.std(-1, unbiased=False, keepdim=True) + 1e-6)
+    for i in range(4):  # each centre is its layer's geometric median (the whole store is the sample here)
+        torch.testing.assert_close(sae.layer_center[i], _weiszfeld(xs[:, i]), atol=2e-3, rtol=0)
+    assert sae.layer_center[3].norm() > 3 * sae.layer_center[0].norm()  # the shared direction, layer 3 only
+    # the fitted encoder scale makes the first reconstruction the least-squares best: c beats 0.9c and 1.1c
+    x = sae.sae_input(sample)
+
+    def sse(scale: float) -> float:
+        val, idx = sae.encode(x)
+        x_hat = (sae.decode(val, idx) - sae.b_pre) * scale + sae.b_pre
+        return float((x - x_hat).pow(2).sum())
+
+    assert sse(1.0) < sse(0.9) and sse(1.0) < sse(1.1)
+    # and a transposed unit-norm encoder over-shoots on standardised inputs: the fitted scale is below 1
+    assert sae.W_enc.norm(dim=0).mean() < 0.9
+    # the centres travel with the SAE, and a file written before they existed loads with zero centres
+    sae.save_pretrained(tmp_path / "saved")
+    back = load_sae(tmp_path / "saved")
+    torch.testing.assert_close(back.layer_center, sae.layer_center)
+    h = sample[:50]
+    torch.testing.assert_close(back.reconstruct(h)[0], sae.reconstruct(h)[0])
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "saved" / "sae.safetensors")
+    del tensors["layer_center"]
+    save_file(tensors, tmp_path / "saved" / "sae.safetensors")
+    assert torch.count_nonzero(load_sae(tmp_path / "saved").layer_center) == 0

@@ -29,6 +29,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "sae.safetensors"
 _FILE_NAMES = {"b_pre": "b_dec"}  # module name -> name in sae.safetensors
 T = TypeVar("T", bound="SparseAutoencoder")
+OPTIONAL_TENSORS = {"layer_center"}  # may be missing from older files; loaded as the fresh module's zeros
 
 
 @dataclass
@@ -222,6 +223,9 @@ class SparseAutoencoder(nn.Module):
         state = {}
         with safe_open(str(path), framework="pt") as f:
             names = set(f.keys())
+            for name in OPTIONAL_TENSORS & (set(expected) - names):  # a file written before the tensor existed
+                module_name, fresh = expected.pop(name)
+                state[module_name] = fresh.clone()
             if names != set(expected):
                 raise ValueError(f"{path} holds tensors {sorted(names)}, expected {sorted(expected)}")
             for fname, (name, ref) in expected.items():

@@ -2,12 +2,18 @@
 
 The paper on one screen, for one token with raw residuals ``h_1 .. h_L'`` of the routed layers::
 
-    x_i     = (h_i - mean_d h_i) / (std_d h_i + 1e-6)       standardise every layer
+    x_i     = (h_i - mean_d h_i) / (std_d h_i + 1e-6) - c_i  standardise every layer (c_i: its centre, below)
     v       = sum_i x_i            (or mean_i x_i)           pool
     p       = softmax(W_router v)    W_router [L', d]        route (no bias)
     i*      = argmax_i p_i
     x_route = p_i* x_i*            (hard, the default)       or  sum_i p_i x_i  (soft)
     x_hat   = TopKSAE(x_route)     target: x_route itself    loss ||x_hat - x_route||^2 / ||x_route||^2
+
+Layer centres (ours): ``c_i`` is a fixed vector per routed layer (the buffer ``layer_center``),
+zero in the paper; ``center_init="median"`` in training sets it to the geometric median of layer
+i's standardised residuals, the multi-layer form of TopK's ``b_pre``: a layer whose tokens share a
+large common component (a "massive activation") no longer looks easy to the router for it, and
+the shared ``b_pre`` no longer has to fit one layer. The reconstruction adds ``c_i*`` back.
 
 Layer balance (ours, off by default; ``cfg.route_balance = lambda``), over a batch of B tokens, in
 the form of the Switch Transformer's load-balancing loss with layers in place of experts::
@@ -34,7 +40,7 @@ from torch import Tensor, nn
 
 from .base import Prepared, SparseAutoencoder
 from .config import SAEConfig
-from .ops import destandardize, standardize
+from .ops import destandardize, geometric_median, standardize
 from .topk import check_width
 
 
@@ -47,6 +53,7 @@ class RouteSAE(SparseAutoencoder):
         super().__init__(cfg)
         bound = 1 / math.sqrt(cfg.d_in)  # nn.Linear's default init, as in the reference code
         self.W_router = nn.Parameter(torch.empty(cfg.n_layers, cfg.d_in).uniform_(-bound, bound))
+        self.register_buffer("layer_center", torch.zeros(cfg.n_layers, cfg.d_in))  # c_i; zero = the paper
 
     def _standardized_stack(self, resid: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Raw ``[B, L', d]`` -> ``(x [B, L', d], mean, std)`` (identity if not standardising)."""
@@ -56,8 +63,17 @@ class RouteSAE(SparseAutoencoder):
                              f"got shape {list(resid.shape)}; read the store with layer=None")
         check_width(resid, self.cfg.d_in, "RouteSAE")
         if not self.cfg.standardize:
-            return resid.to(self.W_dec.dtype), None, None
-        return standardize(resid.to(self.W_dec.dtype))
+            return resid.to(self.W_dec.dtype) - self.layer_center, None, None
+        xs, mean, std = standardize(resid.to(self.W_dec.dtype))
+        return xs - self.layer_center, mean, std
+
+    @torch.no_grad()
+    def init_layer_centers(self, resid_sample: Tensor, max_samples: int = 32768) -> Tensor:
+        """Set each layer's centre ``c_i`` to the geometric median of its standardised rows; return them."""
+        self.layer_center.zero_()
+        xs = self._standardized_stack(resid_sample[:max_samples])[0]
+        self.layer_center.copy_(torch.stack([geometric_median(xs[:, i]) for i in range(xs.shape[1])]))
+        return self.layer_center
 
     def _probs(self, xs: Tensor) -> Tensor:
         """Router weights ``softmax(W_router pool(x))`` ``[B, L']`` of a standardised stack."""
@@ -95,7 +111,8 @@ class RouteSAE(SparseAutoencoder):
         """``(h_hat [B, d], layer_pos [B])``: each token's routed layer on the raw residual scale.
 
         Splice convention: the SAE reads ``p_i* x_i*`` exactly as in training; its reconstruction
-        is divided by ``p_i*`` and de-standardised with layer i*'s mean and std (the reference
+        is divided by ``p_i*``, given back the layer's centre ``c_i*`` and de-standardised with layer
+        i*'s mean and std (the reference
         code fed unscaled ``x_i*`` at splice time). Soft routing has no single source layer: its
         reconstruction is de-standardised with the argmax layer's statistics, without division; it
         reconstructs no layer, so ``evaluate`` neither splices nor scores it in raw space.
@@ -105,7 +122,9 @@ class RouteSAE(SparseAutoencoder):
         pos = prep.routed_layer
         if self.cfg.routing == "hard":
             p = prep.probs.gather(1, pos.unsqueeze(-1))
-            x_hat = x_hat / p.clamp_min(1e-12)
+            x_hat = x_hat / p.clamp_min(1e-12) + self.layer_center[pos]
+        else:
+            x_hat = x_hat + prep.probs @ self.layer_center
         if prep.mean is not None:
             x_hat = destandardize(x_hat, prep.mean, prep.std)
         return x_hat, pos
