@@ -56,15 +56,24 @@ SINGLE = {  # name -> the reference options switched on alone, on top of the def
 }
 
 
-def variants(k: int, ablate: bool) -> dict[str, dict]:
-    """Row name -> TrainConfig options (on top of the default recipe)."""
+CANDIDATES = {  # fixes of ours (routesae/recipe.py), on top of the default recipe
+    "default + layer centres": {"center_init": "median"},
+    "default + layer centres + encoder fit": {"center_init": "median", "enc_init": "fit"},
+    "default + b_pre = 0 + encoder fit": {"b_pre_init": "zero", "enc_init": "fit"},
+    "default + encoder fit": {"enc_init": "fit"},
+}
+
+
+def variants(k: int, ablate: bool, only: list[str] | None = None) -> dict[str, dict]:
+    """Row name -> TrainConfig options (on top of the default recipe); ``only``: a subset of the names."""
     rows = {"default": {}}
     if ablate:
         rows.update({f"default + {name}": opts for name, opts in SINGLE.items()})
     rows["reference"] = dict(REFERENCE)
     if ablate:
         rows["reference + median b_pre"] = {**REFERENCE, "b_pre_init": "median"}
-    return rows
+        rows.update(CANDIDATES)
+    return {n: o for n, o in rows.items() if only is None or n in only}
 
 
 def slug(name: str) -> str:
@@ -120,7 +129,7 @@ def one_run(args, store: str, val: str, name: str, opts: dict, k: int, seed: int
     run = Path(args.out) / f"{slug(name)}-k{k}-s{seed}"
     base = {"arch": args.arch, "router": "faithful", **recipe_options("default")}
     train_once(run, store=store, latents=args.latents, k=k, tokens=args.train_tokens, seed=seed,
-               batch_tokens=4096, **{**base, **opts})
+               batch_tokens=args.batch_tokens, **{**base, **opts})
     ins = insample_once(run, store, args.eval_tokens)
     ev = evaluate_once(run, val, args.eval_tokens, args.splice_contexts)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -178,10 +187,10 @@ def verdict(default: dict, reference: dict, key: str) -> str:
 def markdown(res: dict) -> str:
     a, summary = res["args"], res["summary"]
     out = [f"```\n{res['command']}\n```", "",
-           f"Training store: {res['store_tokens']:,} tokens of the demo MoE's training split, blocks "
+           f"Model `{res['model']}`. Training store: {res['store_tokens']:,} tokens of the training split, blocks "
            f"{res['layers']}; held-out: the first {a['eval_tokens']:,} tokens of the validation split "
            f"(splice: {a['splice_contexts']} contexts of 256). {a['arch']} with the faithful router, "
-           f"{a['latents']:,} latents, batches of 4,096, {a['train_tokens']:,} training tokens, seeds "
+           f"{a['latents']:,} latents, batches of {a['batch_tokens']:,}, {a['train_tokens']:,} training tokens, seeds "
            f"{a['seeds']} (mean ± sd). `default + X` switches one option of the reference recipe on; "
            "routed-layer fractions are on the held-out tokens; H = their normalised entropy.", ""]
     table = [[s["name"], s["k"], pm(s, "nmse"), pm(s, "kl"), pm(s, "ce_rec"), pm(s, "nmse_insample"),
@@ -230,15 +239,19 @@ def main() -> None:
     ap.add_argument("--goal-ks", type=int, nargs="+", default=[16, 32, 64], help="k of default vs reference")
     ap.add_argument("--eval-tokens", type=int, default=32_768)
     ap.add_argument("--splice-contexts", type=int, default=64)
-    ap.add_argument("--out", default="runs/recipe-ablation")
+    ap.add_argument("--batch-tokens", type=int, default=4096)
+    ap.add_argument("--rows", nargs="+", help="only these rows (names as in the table)")
+    ap.add_argument("--name", default="demo", help="names the RESULTS section (recipe-ablation-NAME)")
+    ap.add_argument("--out", help="default runs/recipe-ablation (demo) or runs/recipe-ablation-NAME")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    args.out = args.out or ("runs/recipe-ablation" if args.name == "demo" else f"runs/recipe-ablation-{args.name}")
     out = Path(args.out)
     t0 = time.perf_counter()
     store, val = capture_stores(args.model, args.corpus, out, args.tokens, args.eval_tokens, args.store)
     rows = []
     plan = [(k, n, o) for k in dict.fromkeys(args.ks + args.goal_ks)
-            for n, o in variants(k, k in args.ks).items() if k in args.ks or n in ("default", "reference")]
+            for n, o in variants(k, k in args.ks, args.rows).items() if k in args.ks or n in ("default", "reference")]
     for seed in args.seeds:  # seed-major: a partial run already has every row once
         for k, name, opts in plan:
             rows.append(one_run(args, store, val, name, opts, k, seed))
@@ -249,13 +262,16 @@ def main() -> None:
 
     s = Store(store)
     cmd = "python analyses/recipe_ablation.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
-    res = {"command": cmd, "args": vars(args), "store_tokens": s.n_tokens, "layers": s.layers, "rows": rows,
+    model = "data/demo-moe" if args.model == str(DEMO_MODEL) else args.model
+    res = {"command": cmd, "args": vars(args), "model": model,
+           "store_tokens": s.n_tokens, "layers": s.layers, "rows": rows,
            "summary": summarise(rows)}
     (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
     text = markdown(res)
     print(text)
     if not args.no_write:
-        write_section(ROOT / "docs" / "RESULTS.md", "recipe-ablation", text)
+        section = "recipe-ablation" + ("" if args.name == "demo" else f"-{args.name}")
+        write_section(ROOT / "docs" / "RESULTS.md", section, text)
 
 
 if __name__ == "__main__":
