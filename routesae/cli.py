@@ -156,6 +156,11 @@ def evaluate(
         m = sp["mean"]
         typer.echo(f"CE clean {sp['ce_clean']:.4f}  spliced {m['ce_spliced']:.4f}  recovered "
                    f"{_num(m['ce_recovered'], '.3f')}  KL/token {m['kl']:.4f} (mean of the one-layer splices)")
+    rl = res.get("routed_layers") or {}
+    if rl.get("fractions"):
+        shares = "  ".join(f"{j}: {f:.2f}" for j, f in zip(rl["layers"], rl["fractions"]))
+        typer.echo(f"routed layers {shares}  entropy {_num(rl.get('entropy'), '.2f')} (1 = all equally)  "
+                   f"margin p1-p2 {_num(rl.get('margin'), '.2f')}")
     if sp.get("skipped"):
         why = "--no-splice" if sp["skipped"] == "splice=False" else sp["skipped"]
         typer.echo(f"note: CE/KL (splicing) skipped: {why}")

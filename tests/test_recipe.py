@@ -204,3 +204,14 @@ def test_layer_centres_and_encoder_fit(tmp_path):
     del tensors["layer_center"]
     save_file(tensors, tmp_path / "saved" / "sae.safetensors")
     assert torch.count_nonzero(load_sae(tmp_path / "saved").layer_center) == 0
+
+
+def test_evaluate_prints_and_records_the_routing_diagnostics(store, tmp_path):
+    run = train(_cfg(store, tmp_path / "run", lr=3e-3, tokens=256 * 8))
+    res = CliRunner().invoke(app, ["evaluate", str(run), "--store", str(store), "--no-splice", "--tokens", "1024",
+                                   "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    rl = json.loads((run / "eval.json").read_text())["routed_layers"]
+    assert rl["entropy"] == pytest.approx(normalised_entropy(rl["fractions"]))
+    line = next(x for x in res.output.splitlines() if x.startswith("routed layers"))
+    assert f"entropy {rl['entropy']:.2f}" in line and f"margin p1-p2 {rl['margin']:.2f}" in line
