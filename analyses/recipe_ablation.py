@@ -254,6 +254,8 @@ def main() -> None:
     ap.add_argument("--out", help="default runs/recipe-ablation (demo) or runs/recipe-ablation-NAME")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    if {**OLD_DEFAULT, **CANDIDATES[NEW_DEFAULT]} != recipe_options("default"):
+        raise SystemExit(f"NEW_DEFAULT ({NEW_DEFAULT}) no longer matches the default of routesae/recipe.py")
     args.out = args.out or ("runs/recipe-ablation" if args.name == "demo" else f"runs/recipe-ablation-{args.name}")
     out = Path(args.out)
     t0 = time.perf_counter()

@@ -117,8 +117,8 @@ class TrainConfig:
     verify: str = "auto"
     eval_store: str | None = None  # a held-out store recorded in RUN/eval_store.json (routesae/heldout.py)
     b_pre_init: str = "median"  # the recipe options of routesae/recipe.py (default recipe shown)
-    enc_init: str = "transpose"
-    center_init: str = "zero"
+    enc_init: str = "fit"
+    center_init: str = "median"  # RouteSAE only; the other architectures have no layer centres
     decoder_norm: str = "project"
     renorm_every: int = 10
     route_balance: float = 0.0  # RouteSAE: weight of the layer-balance loss (routesae/sae/route.py)
@@ -156,8 +156,6 @@ class TrainConfig:
             bad(f"--renorm-every {self.renorm_every} must be at least 1")
         if not (math.isfinite(self.route_balance) and self.route_balance >= 0):
             bad(f"--route-balance {self.route_balance} must be a finite number >= 0")
-        if self.center_init != "zero" and self.arch != "routesae":
-            bad(f"--center-init sets RouteSAE's layer centres; --arch {self.arch} has none (drop it)")
         if self.route_balance > 0 and self.arch != "routesae":
             bad(f"--route-balance balances RouteSAE's layers; --arch {self.arch} has no router (drop it)")
         if self.verify not in ("auto", "always", "never"):

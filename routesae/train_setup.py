@@ -154,20 +154,21 @@ def initial_sae(cfg: TrainConfig, sae_cfg: SAEConfig, store: Store, r: dict, dev
 
     ``enc_init="linear"`` redraws the encoder as nn.Linear does (decoder = its normalised transpose).
     From a separate seeded sample of the store (the training stream is untouched), in this order:
-    ``center_init="median"`` sets RouteSAE's layer centres, ``b_pre_init="median"`` sets ``b_pre`` to
-    the geometric median of the SAE's inputs (``"zero"`` leaves it at 0), ``enc_init="fit"`` scales
-    the encoder (routesae/recipe.py). ``b_enc`` starts at 0 in every recipe.
+    ``center_init="median"`` sets RouteSAE's layer centres (other architectures have none),
+    ``b_pre_init="median"`` sets ``b_pre`` to the geometric median of the SAE's inputs (``"zero"``
+    leaves it at 0), ``enc_init="fit"`` scales the encoder (routesae/recipe.py). ``b_enc`` starts at 0 in every recipe.
     """
     seed_everything(cfg.seed)
     sae = build_sae(sae_cfg).to(device).train()
     if cfg.enc_init == "linear":
         init_encoder_linear(sae)
-    if "median" in (cfg.b_pre_init, cfg.center_init) or cfg.enc_init == "fit":
+    centres = cfg.center_init == "median" and cfg.arch == "routesae"
+    if cfg.b_pre_init == "median" or centres or cfg.enc_init == "fit":
         per_row = len(r["layers"]) if cfg.arch == "mlsae" else 1
         n = min(max(cfg.init_samples // per_row, 1), store.n_tokens)
         sample_cfg = replace(cfg, seed=cfg.seed + 7919, batch_tokens=n)
         sample = next(batches(store, sample_cfg, r, 0)).to(device)
-        if cfg.center_init == "median":
+        if centres:
             sae.init_layer_centers(sample, max_samples=cfg.init_samples)
         if cfg.b_pre_init == "median":
             sae.init_from_sample(sample, max_samples=cfg.init_samples)

@@ -69,10 +69,14 @@ def test_reference_init_zero_biases_and_linear_encoder(store, tmp_path):
     assert w.norm(dim=-1).mean().item() == pytest.approx(math.sqrt(1 / 3), rel=0.1)
     # decoder = the encoder's transpose with unit rows
     torch.testing.assert_close(sae.W_dec, w / w.norm(dim=-1, keepdim=True))
-    # the default recipe: b_pre is the (non-zero) geometric median, W_enc = W_dec^T with unit rows
+    # the default recipe: b_pre is the (non-zero) geometric median, W_enc = c W_dec^T (one fitted scale c)
     dflt = initial_sae(_cfg(store, tmp_path / "d"), sae_cfg, s, r, "cpu")
-    assert dflt.b_pre.norm() > 0.1 and torch.count_nonzero(dflt.b_enc) == 0
-    torch.testing.assert_close(dflt.W_enc.t(), dflt.W_dec)
+    assert dflt.layer_center.norm(dim=-1).min() > 0.1  # every layer's centre is set ...
+    assert 0 < dflt.b_pre.norm() < dflt.layer_center.norm(dim=-1).min()  # ... so b_pre (median of the rest) is small
+    assert torch.count_nonzero(dflt.b_enc) == 0
+    c = dflt.W_enc.norm(dim=0)
+    assert 0 < c.min() and (c.max() - c.min()) < 1e-5 * c.max()
+    torch.testing.assert_close(dflt.W_enc.t() / c[:, None], dflt.W_dec)
 
 
 def test_reference_recipe_constant_lr_and_renorm_period(store, tmp_path):
@@ -111,7 +115,8 @@ def test_balance_loss_by_hand():
 
 def collapsing_store(folder: Path, d: int = 16, shards: int = 4, n: int = 512) -> Path:
     """4 synthetic layers of Gaussian noise, layers 2 and 3 sharing one strong direction. On it the
-    faithful router (seed 0, lr 3e-3) sends more than 99% of the tokens to layer 0 within 96 steps."""
+    faithful router without layer centres (seed 0, lr 3e-3) sends more than 99% of the tokens to layer 0
+    within 96 steps."""
     header = {"model": {"name_or_path": "synthetic"}, "d_model": d, "n_layers": 4, "layers": [0, 1, 2, 3],
               "moe_layers": []}
     w = StoreWriter(folder, header, {"synthetic": "collapse"})
@@ -129,7 +134,7 @@ def collapsing_store(folder: Path, d: int = 16, shards: int = 4, n: int = 512) -
 def test_balance_spreads_routing_and_is_logged(tmp_path):
     """The faithful router collapses onto one layer of a synthetic store; the balance loss keeps all four."""
     syn = collapsing_store(tmp_path / "store")
-    kw = dict(k=4, lr=3e-3, tokens=256 * 96, log_every=8)
+    kw = dict(k=4, lr=3e-3, tokens=256 * 96, log_every=8, center_init="zero", enc_init="transpose")
     plain = _metrics(train(_cfg(syn, tmp_path / "plain", **kw)))
     bal = _metrics(train(_cfg(syn, tmp_path / "bal", route_balance=1.0, **kw)))
     assert plain[-1]["routed_entropy"] < 0.2 and max(plain[-1]["routed_frac"]) > 0.95  # collapsed
