@@ -43,9 +43,29 @@ def train_once(run: Path, log=print, **kwargs: Any) -> Path:
     from routesae.train import TrainConfig, train
 
     if _finished(run):
+        _same_options(run, TrainConfig(out=str(run), device="cpu", progress=False, **kwargs))
         return run
     log(f"train {run.name}")
     return train(TrainConfig(out=str(run), device="cpu", progress=False, resume=run.exists(), **kwargs))
+
+
+# what training did before an option existed (runs older than the option lack its key)
+LEGACY = {"b_pre_init": "median", "enc_init": "transpose", "center_init": "zero", "decoder_norm": "project",
+          "renorm_every": 10, "route_balance": 0.0}
+
+
+def _same_options(run: Path, cfg: Any) -> None:
+    """A finished run is reused only when it was trained with the options asked for now (defaults included:
+    a run trained before a default changed is not silently reused)."""
+    from dataclasses import asdict
+
+    old = json.loads((run / "train_config.json").read_text())
+    free = {"out", "store", "device", "progress", "resume", "eval_store", "ckpt_every", "log_every", "verify"}
+    diff = {k: (old.get(k, LEGACY.get(k, v)), v) for k, v in asdict(cfg).items()
+            if k not in free and old.get(k, LEGACY.get(k, v)) != v}
+    if diff:
+        was = ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items())
+        raise SystemExit(f"{run} was trained with {was}; move it away or choose another --out")
 
 
 def _finished(run: Path) -> bool:

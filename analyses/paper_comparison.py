@@ -2,7 +2,7 @@
 
     python analyses/paper_comparison.py [--store DIR] [--tokens 409600] [--train-tokens 409600]
         [--latents 1536] [--ks 32 64 16] [--val-tokens 65536] [--eval-tokens 32768] [--splice-contexts 64]
-        [--feature-tokens 65536 16384] [--fire-fraction 0.5] [--seed 0] [--methods ...] [--extra-topk-layers 1]
+        [--feature-tokens 65536 16384] [--fire-fraction 0.5] [--seeds 0 1 2] [--methods ...] [--extra-topk-layers 1]
         [--out runs/paper-comparison] [--no-write]
 
 One training store of the demo MoE (training split, layers ``auto`` = blocks 1..5 for its 8
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -72,38 +73,74 @@ def run_all(args) -> dict:
     store_dir, eval_dir = capture_stores(args.model, args.corpus, out, args.tokens, args.val_tokens, args.store)
     print(f"[{time.perf_counter() - t0:5.0f}s] stores {store_dir}, {eval_dir}")
     rows = []
-    for k in args.ks:
-        for name, opts in methods(args).items():
-            if args.methods and SLUG.get(name) not in args.methods and opts.get("layer") is None:
-                continue
-            run = out / f"{SLUG.get(name) or 'topk-block' + str(opts['layer'])}-k{k}"
-            ts = time.perf_counter()
-            train_once(run, store=store_dir, latents=args.latents, k=k, tokens=args.train_tokens, seed=args.seed,
-                       **opts)
-            ev = evaluate_once(run, eval_dir, args.eval_tokens, args.splice_contexts)
-            counts = [feature_count_once(run, eval_dir, n, args.fire_fraction) for n in args.feature_tokens]
-            fc = counts[0]
-            resolved = json.loads((run / "train_config.json").read_text())["resolved"]
-            rows.append({"method": name, "k": k, "run": str(run), "layers": resolved["layers"],
-                         "train_tokens": resolved["tokens"], "steps": resolved["steps"], **metrics_row(ev),
-                         "features": fc["count"],
-                         "features_by_tokens": {c["tokens_counted"]: c["count"] for c in counts},
-                         "features_per_layer": fc["per_routed_layer"],
-                         "fc_settings": fc["settings"], "splice_per_layer": _per_layer_splice(ev),
-                         "eval_tokens": ev["tokens"], "feature_tokens": fc["tokens_counted"],
-                         "splice_tokens": (ev.get("splice") or {}).get("tokens_real")})
-            print(f"[{time.perf_counter() - t0:5.0f}s] {name:20s} k={k:3d} nmse={rows[-1]['nmse']:.4f} "
-                  f"ce_rec={fmt(rows[-1]['ce_rec'], '.3f')} kl={fmt(rows[-1]['kl'])} features={fc['count']} "
-                  f"({time.perf_counter() - ts:.0f}s)")
+    for seed, k, (name, opts) in [(s, k, m) for s in args.seeds for k in args.ks for m in methods(args).items()]:
+        if args.methods and SLUG.get(name) not in args.methods and opts.get("layer") is None:
+            continue
+        run = out / f"{SLUG.get(name) or 'topk-block' + str(opts['layer'])}-k{k}-s{seed}"
+        ts = time.perf_counter()
+        train_once(run, store=store_dir, latents=args.latents, k=k, tokens=args.train_tokens, seed=seed,
+                   **opts)
+        ev = evaluate_once(run, eval_dir, args.eval_tokens, args.splice_contexts)
+        counts = [feature_count_once(run, eval_dir, n, args.fire_fraction) for n in args.feature_tokens]
+        fc = counts[0]
+        resolved = json.loads((run / "train_config.json").read_text())["resolved"]
+        rows.append({"method": name, "k": k, "seed": seed, "run": str(run), "layers": resolved["layers"],
+                     "train_tokens": resolved["tokens"], "steps": resolved["steps"], **metrics_row(ev),
+                     "features": fc["count"],
+                     "features_by_tokens": {c["tokens_counted"]: c["count"] for c in counts},
+                     "features_per_layer": fc["per_routed_layer"],
+                     "fc_settings": fc["settings"], "splice_per_layer": _per_layer_splice(ev),
+                     "eval_tokens": ev["tokens"], "feature_tokens": fc["tokens_counted"],
+                     "splice_tokens": (ev.get("splice") or {}).get("tokens_real")})
+        print(f"[{time.perf_counter() - t0:5.0f}s] {name:20s} k={k:3d} s={seed} nmse={rows[-1]['nmse']:.4f} "
+              f"ce_rec={fmt(rows[-1]['ce_rec'], '.3f')} kl={fmt(rows[-1]['kl'])} features={fc['count']} "
+              f"({time.perf_counter() - ts:.0f}s)")
     from routesae.store import Store
 
     train_store = Store(store_dir)
     result = {"command": " ".join([".venv/bin/python", "analyses/paper_comparison.py", *sys.argv[1:]]),
               "store": store_dir, "store_tokens": train_store.n_tokens, "layers": train_store.layers,
-              "eval_store": eval_dir, "args": vars(args), "rows": rows,
+              "eval_store": eval_dir, "args": vars(args), "rows": aggregate(rows), "runs": rows,
               "seconds": time.perf_counter() - t0}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+MEANS = ("nmse", "ev", "l0", "dead", "ce_rec", "kl", "features")
+
+
+def _mean_sd(vals: list) -> tuple[float | None, float | None]:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """One row per (method, k): the mean over seeds of every number (``KEY_sd``: the sd), the rest from seed 0."""
+    out = []
+    for method, k in dict.fromkeys((r["method"], r["k"]) for r in runs):
+        group = [r for r in runs if (r["method"], r["k"]) == (method, k)]
+        row = {**group[0], "seeds": [r["seed"] for r in group]}
+        for key in MEANS:
+            row[key], row[key + "_sd"] = _mean_sd([r[key] for r in group])
+        if group[0]["hist"]:
+            row["hist"] = [statistics.fmean(r["hist"][i] for r in group) for i in range(len(group[0]["hist"]))]
+        row["features_by_tokens"] = {n: statistics.fmean(r["features_by_tokens"][n] for r in group)
+                                     for n in group[0]["features_by_tokens"]}
+        per = group[0]["features_per_layer"]
+        row["features_per_layer"] = {j: statistics.fmean(r["features_per_layer"].get(j, 0) for r in group) for j in per}
+        if group[0]["splice_per_layer"]:
+            row["splice_per_layer"] = {n: {m: _mean_sd([r["splice_per_layer"][n][m] for r in group])[0]
+                                           for m in ("ce_rec", "kl")} for n in group[0]["splice_per_layer"]}
+        out.append(row)
+    return out
+
+
+def pm(r: dict, key: str, spec: str = ".4f") -> str:
+    """``mean ± sd`` of an aggregated row (``n/a`` when missing)."""
+    sd = r.get(key + "_sd")
+    return fmt(r[key], spec) + (f" ± {sd:{spec}}" if sd is not None else "")
 
 
 def _per_layer_splice(ev: dict) -> dict | None:
@@ -171,7 +208,8 @@ def markdown(res: dict) -> str:
            f"Training store: {res['store_tokens']:,} tokens of the demo MoE's training split, layers "
            f"{res['layers']} (blocks 1..5 = the paper's range `L//4-1 .. 3L//4-1` for L = 8). Every SAE has "
            f"{a['latents']:,} latents (8x d = 192) and trains on {rows[0]['train_tokens']:,} tokens "
-           f"({rows[0]['steps']} steps of 4,096-token batches, seed {a['seed']}, identical batches, "
+           f"({rows[0]['steps']} steps of 4,096-token batches, seeds {a['seeds']} (mean ± sd), identical batches "
+           "for every method of a seed, "
            f"lr = 2e-4 / sqrt(M / 2^14)). TopK reads block {topk_layer} (3/4 depth); `TopK (block j)` rows "
            f"are a check at another layer, not a baseline of the paper. MLSAE reads layers "
            f"{mlsae_layers}; its examples are (token, layer) pairs, so the same token budget gives it "
@@ -193,8 +231,8 @@ def markdown(res: dict) -> str:
            f"evaluated tokens; at most {fc.get('max_per_bucket')} contexts per lower-cased token, latents with "
            f"more than {fc.get('max_buckets')} token buckets dropped, at least {fc.get('min_contexts')} "
            "contexts kept.", ""]
-    table = [[r["method"], r["k"], fmt(r["nmse"]), fmt(r["ev"]), fmt(r["l0"], ".1f"), fmt(r["dead"], ".3f"),
-              fmt(r["ce_rec"], ".3f"), fmt(r["kl"]), r["features"],
+    table = [[r["method"], r["k"], pm(r, "nmse", ".3f"), pm(r, "ev", ".3f"), fmt(r["l0"], ".1f"), fmt(r["dead"], ".3f"),
+              pm(r, "ce_rec", ".3f"), pm(r, "kl", ".3f"), pm(r, "features", ".0f"),
               ", ".join(f"{x:.2f}" for x in r["hist"]) if r["hist"] else "-"] for r in rows]
     out += [markdown_table(["method", "k", "NMSE", "explained var.", "L0", "dead", "CE recovered", "KL/token",
                             "interpretable features", "routed-layer fractions (blocks "
@@ -205,7 +243,7 @@ def markdown(res: dict) -> str:
                 "over the counted tokens, and more tokens bring more distinct activating tokens, so more latents "
                 "exceed the 32-bucket limit and are dropped); interpretable features by budget:", "",
                 markdown_table(["method", "k", *[f"{int(n):,} tokens" for n in budgets]],
-                               [[r["method"], r["k"], *[r["features_by_tokens"].get(n, "n/a") for n in budgets]]
+                               [[r["method"], r["k"], *[fmt(r["features_by_tokens"].get(n), ".0f") for n in budgets]]
                                 for r in rows]), ""]
     ml = [r for r in rows if r["splice_per_layer"]]
     if ml:
@@ -219,8 +257,8 @@ def markdown(res: dict) -> str:
     if rs:
         out += ["RouteSAE's interpretable features by their most frequent routed layer:", "",
                 markdown_table(["method", "k", *[f"block {j}" for j in res["layers"]]],
-                               [[r["method"], r["k"], *[r["features_per_layer"].get(str(j), r["features_per_layer"]
-                                                                                   .get(j, 0))
+                               [[r["method"], r["k"], *[fmt(r["features_per_layer"].get(str(j), r["features_per_layer"]
+                                                                                       .get(j, 0)), ".0f")
                                                         for j in res["layers"]]] for r in rs]), ""]
     k64 = {r["method"]: r for r in rows if r["k"] == 64}
     if k64:
@@ -239,7 +277,7 @@ def markdown(res: dict) -> str:
                       *[ours(n, "kl") + " per token" for n in ("TopK (3/4 depth)", "RouteSAE (faithful)",
                                                                "RouteSAE (ste)", "MLSAE")]],
                      ["interpretable features", PAPER["TopK (3/4 depth)"]["features"], PAPER["RouteSAE"]["features"],
-                      *[ours(n, "features", "d") + f" of {a['latents']:,}" for n in
+                      *[ours(n, "features", ".0f") + f" of {a['latents']:,}" for n in
                         ("TopK (3/4 depth)", "RouteSAE (faithful)", "RouteSAE (ste)", "MLSAE")]]]), ""]
     out += ["![metrics against k](figures/paper-comparison-metrics.png)", "",
             "![routed-layer histogram](figures/paper-comparison-routed-layers.png)"]
@@ -262,7 +300,7 @@ def main() -> None:
                          "how the count depends on the budget)")
     ap.add_argument("--splice-contexts", type=int, default=64)
     ap.add_argument("--fire-fraction", type=float, default=0.5)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="every run once per seed; mean ± sd")
     ap.add_argument("--methods", nargs="+", choices=list(SLUG.values()), help="a subset of the methods")
     ap.add_argument("--extra-topk-layers", type=int, nargs="*", default=[1],
                     help="also train a TopK SAE at these blocks (e.g. 1, where the ste router sends its tokens)")
