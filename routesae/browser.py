@@ -91,12 +91,14 @@ class Browser:
                 raise AssertionError(f"{url} did not load in {timeout:g} s")
             time.sleep(0.2)
 
-    def plots_ready(self, timeout: float = 90) -> int:
-        """Wait until every plotly figure of the page is drawn, resize them all to their containers (after a
-        window-size change) and return how many there are."""
+    def plots_ready(self, timeout: float = 90, resize: bool = True) -> int:
+        """Wait until every plotly figure of the page is drawn, resize them all to their containers (``resize``:
+        after a window-size change or a print layout) and return how many there are."""
         drawn = ("(() => { const g = [...document.querySelectorAll('.plotly-graph-div')];"
                  " return g.every(d => d._fullLayout && d.querySelector('.main-svg')) ? g.length : 0; })()")
         n = self.js_when(drawn, timeout)
+        if not resize:
+            return int(n or 0)
         self.call("Runtime.evaluate", self.session, awaitPromise=True, returnByValue=True, expression=(
             "Promise.all([...document.querySelectorAll('.js-plotly-plot')].map(g => Plotly.Plots.resize(g)))"
             ".then(() => true)"))

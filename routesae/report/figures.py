@@ -72,7 +72,8 @@ def ratio_colours(z: np.ndarray, title: str = "ratio") -> dict:
     finite = lz[np.isfinite(lz)]
     m = int(np.clip(np.ceil(np.abs(finite).max()) if finite.size else 1, 1, LOG_RANGE))
     lz = np.clip(np.where(z == 0, -m, lz), -m, m)
-    ticks = list(range(-m, m + 1))
+    half = range(0, m + 1, 1 if m <= 3 else 2)  # every power of 2 up to 8, beyond that every other one
+    ticks = sorted({-t for t in half} | set(half))
     text = [f"1/{2 ** -t:g}" if t < 0 else f"{2 ** t:g}" for t in ticks]
     return dict(z=lz, colorscale="RdBu_r", zmid=0.0, zmin=-m, zmax=m, customdata=z,
                 colorbar=dict(title=dict(text=title), tickvals=ticks, ticktext=text))
