@@ -1,8 +1,9 @@
 """Headless Chromium driven over the DevTools protocol (``websockets``; no selenium needed).
 
-Used by the dashboard's browser test, the README screenshots (analyses/dashboard_screenshots.py)
-and anything else that must see a page as a browser renders it. ``find_chromium()`` is None when
-no Chromium is installed (``make test`` installs Debian's ``chromium`` when it can).
+Used by the dashboard's browser test, the README screenshots (analyses/dashboard_screenshots.py),
+the report's PDF export and geometry test (:meth:`Browser.open`, :meth:`Browser.plots_ready`,
+:meth:`Browser.print_pdf`) and anything else that must see a page as a browser renders it.
+``find_chromium()`` is None when no Chromium is installed (``make test`` installs Debian's ``chromium`` when it can).
 """
 
 from __future__ import annotations
@@ -55,16 +56,61 @@ class Browser:
                     raise RuntimeError(r["error"])
                 return r["result"]
 
-    def screenshot(self, path: Path) -> None:
-        """Save a PNG of the page opened last by :meth:`page_when`."""
+    def screenshot(self, path: Path, width: int = 1400, height: int = 1000, full_page: bool = False) -> None:
+        """Save a PNG of the page opened last (``full_page``: the whole document height, at most 16000 px)."""
         import base64
         import time
 
         path.parent.mkdir(parents=True, exist_ok=True)
         time.sleep(1.5)  # plotly draws after the script has finished
-        self.call("Emulation.setDeviceMetricsOverride", self.session, width=1400, height=1000, deviceScaleFactor=1,
-                  mobile=False)
+        self.set_size(width, height)
+        if full_page:
+            full = int(self.js("document.documentElement.scrollHeight") or height)
+            self.set_size(width, min(max(full, height), 16000))
+            time.sleep(0.5)
         data = self.call("Page.captureScreenshot", self.session, format="png")["data"]
+        path.write_bytes(base64.b64decode(data))
+
+    def set_size(self, width: int, height: int = 1000) -> None:
+        """Emulate a browser window of ``width`` x ``height`` CSS pixels for the page opened last."""
+        self.call("Emulation.setDeviceMetricsOverride", self.session, width=width, height=height,
+                  deviceScaleFactor=1, mobile=False)
+
+    def open(self, url: str, width: int = 1400, height: int = 1000, timeout: float = 90) -> None:
+        """Open ``url`` (a static page, e.g. ``file:///.../report.html``) in a ``width`` x ``height`` window and
+        wait until it has loaded."""
+        import time
+
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.set_size(width, height)
+        self.call("Page.navigate", self.session, url=url)
+        end = time.time() + timeout
+        while self.js("document.readyState") != "complete" or self.js("location.href") == "about:blank":
+            if time.time() > end:
+                raise AssertionError(f"{url} did not load in {timeout:g} s")
+            time.sleep(0.2)
+
+    def plots_ready(self, timeout: float = 90, resize: bool = True) -> int:
+        """Wait until every plotly figure of the page is drawn, resize them all to their containers (``resize``:
+        after a window-size change or a print layout) and return how many there are."""
+        drawn = ("(() => { const g = [...document.querySelectorAll('.plotly-graph-div')];"
+                 " return g.every(d => d._fullLayout && d.querySelector('.main-svg')) ? g.length : 0; })()")
+        n = self.js_when(drawn, timeout)
+        if not resize:
+            return int(n or 0)
+        self.call("Runtime.evaluate", self.session, awaitPromise=True, returnByValue=True, expression=(
+            "Promise.all([...document.querySelectorAll('.js-plotly-plot')].map(g => Plotly.Plots.resize(g)))"
+            ".then(() => true)"))
+        return int(n or 0)
+
+    def print_pdf(self, path: Path, scale: float = 1.0, landscape: bool = False) -> None:
+        """Print the page opened last to ``path`` (A4, backgrounds, CSS page breaks) with Page.printToPDF."""
+        import base64
+
+        data = self.call("Page.printToPDF", self.session, printBackground=True, preferCSSPageSize=True,
+                         scale=scale, landscape=landscape, paperWidth=8.27, paperHeight=11.69)["data"]
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(data))
 
     def page_when(self, url: str, text: str, timeout: float = 90) -> tuple[str, str]:

@@ -313,23 +313,36 @@ def analyze_routing(
 
 @app.command()
 def report(
-    run: Path = typer.Argument(..., help="Run folder with an analysis (`routesae analyze RUN`)."),
-    format: str = typer.Option("html,md,csv,json", "--format", help="Comma-separated: html, md, csv, json."),
-    out: Path | None = typer.Option(None, help="Output folder (default RUN/report)."),
+    runs: list[Path] = typer.Argument(..., help="Run folder with an analysis (`routesae analyze RUN`); several runs "
+                                                "trained on the same store: one comparison report."),
+    format: str = typer.Option("html,md,csv,json", "--format",
+                               help="Comma-separated: html, md, csv, json, pdf (printed by headless Chromium)."),
+    out: Path | None = typer.Option(None, help="Output folder (default RUN/report; several runs: comparison/ beside "
+                                               "the first)."),
     top_features: int = typer.Option(30, help="Features shown with their contexts."),
 ) -> None:
-    """Write the specialisation report: self-contained HTML, Markdown, CSV/Parquet tables, JSON, Neuronpedia batch."""
-    from routesae.report import ReportConfig, build_report
+    """Write the specialisation report: self-contained HTML, Markdown, CSV/Parquet tables, JSON, Neuronpedia batch,
+    PDF; with several runs, the comparison report (metrics, routed layers, features side by side)."""
+    from routesae.report import ReportConfig, build_comparison, build_report
+    from routesae.report.build import default_comparison_out
+
+    def skipped(line: str) -> None:
+        typer.echo(line)
 
     try:
-        paths = build_report(ReportConfig(run=str(run), formats=format, out=str(out) if out else None,
-                                          top_features=top_features))
+        if len(runs) > 1:
+            paths = build_comparison([str(r) for r in runs], format, str(out) if out else None, warn=skipped)
+            where = out or default_comparison_out(runs)
+        else:
+            paths = build_report(ReportConfig(run=str(runs[0]), formats=format, out=str(out) if out else None,
+                                              top_features=top_features), warn=skipped)
+            where = out or runs[0] / "report"
     except USER_ERRORS as exc:
         _fail(exc)
     for name, path in paths.items():
-        if name.endswith((".html", ".md")) or name == "summary.json":
+        if name.endswith((".html", ".md", ".pdf")) or name in ("summary.json", "comparison.json"):
             typer.echo(f"wrote {path}")
-    typer.echo(f"{len(paths)} files in {out or run / 'report'}")
+    typer.echo(f"{len(paths)} files in {where}")
 
 
 @app.command()

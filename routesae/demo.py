@@ -65,7 +65,7 @@ def run_demo(cfg: DemoConfig, log=print) -> Path:
     from routesae.checkpoint import find_checkpoint
     from routesae.evaluate import EvalConfig, evaluate
     from routesae.heldout import EVAL_STORE, check_eval_store, record_eval_store
-    from routesae.report import ReportConfig, build_report
+    from routesae.report import ReportConfig, build_comparison, build_report
     from routesae.sae import SparseAutoencoder
     from routesae.store import Store
     from routesae.train import train
@@ -108,11 +108,13 @@ def run_demo(cfg: DemoConfig, log=print) -> Path:
         analyze(AnalyzeConfig(run=str(run), tokens=n["analyze"], device=cfg.device))
     stage("report")
     build_report(ReportConfig(run=str(run)))
+    comparison = build_comparison([runs["routesae"], runs["topk"]], out=root / "comparison")["report.html"]
     _summary(runs, log)
     report = run / "report"
     log(f"[{time.perf_counter() - t0:6.0f}s] done")
-    log(f"report:    {report / 'report.html'}  (also report.md, tables/, summary.json, neuronpedia/)")
-    log(f"dashboard: routesae dashboard {run}")
+    log(f"report:     {report / 'report.html'}  (also report.md, tables/, summary.json, neuronpedia/)")
+    log(f"comparison: {comparison}  (RouteSAE vs TopK on the same held-out tokens; also report.md)")
+    log(f"dashboard:  routesae dashboard {run}")
     return report
 
 

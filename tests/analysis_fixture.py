@@ -30,7 +30,7 @@ TABLES = ["expert_domain", "expert_stats", "layer_stats", "domain_layer", "exper
           "coactivation", "latents", "contexts", "latent_domains", "latent_experts", "expert_latents"]
 
 
-def _expert_tables(rng: np.random.Generator) -> dict[str, pd.DataFrame]:
+def _expert_tables(rng: np.random.Generator, E: int = E) -> dict[str, pd.DataFrame]:  # noqa: N803
     total = sum(DOMAINS.values())
     ed, es, ls, dl, ept, pp, co = [], [], [], [], [], [], []
     for layer in MOE_LAYERS:
@@ -105,7 +105,7 @@ def _expert_tables(rng: np.random.Generator) -> dict[str, pd.DataFrame]:
             "position_profile": pd.DataFrame(pp), "coactivation": pd.DataFrame(co)}
 
 
-def _feature_tables(rng: np.random.Generator) -> dict[str, pd.DataFrame]:
+def _feature_tables(rng: np.random.Generator, E: int = E) -> dict[str, pd.DataFrame]:  # noqa: N803
     total = sum(DOMAINS.values())
     domains = list(DOMAINS)
     lat, ctx, ldom, lexp, elat = [], [], [], [], []
@@ -192,8 +192,9 @@ def eval_json(run: Path) -> dict:
     }
 
 
-def make_analysis(tmp_path: Path, seed: int = 0) -> Path:
-    """Write ``tmp_path/run`` (config.json, eval.json, analysis/) and return the run folder."""
+def make_analysis(tmp_path: Path, seed: int = 0, n_experts: int = E) -> Path:
+    """Write ``tmp_path/run`` (config.json, eval.json, analysis/) and return the run folder; ``n_experts`` per MoE
+    layer (default E = 4; the report's browser test uses 32, like the demo MoE)."""
     rng = np.random.default_rng(seed)
     run = Path(tmp_path) / "run"
     ana = run / "analysis"
@@ -205,7 +206,7 @@ def make_analysis(tmp_path: Path, seed: int = 0) -> Path:
     (run / "config.json").write_text(json.dumps(cfg, indent=2))
     ev = eval_json(run)
     (run / "eval.json").write_text(json.dumps(ev, indent=2))
-    tables = {**_expert_tables(rng), **_feature_tables(rng)}
+    tables = {**_expert_tables(rng, n_experts), **_feature_tables(rng, n_experts)}
     for name, df in tables.items():
         df.to_parquet(ana / f"{name}.parquet", index=False)
     lat = tables["latents"]
@@ -218,7 +219,7 @@ def make_analysis(tmp_path: Path, seed: int = 0) -> Path:
          "min_vocab_count": 20, "feature_count": settings}))
     (ana / "summary.json").write_text(json.dumps(
         {"run": str(run), "store": "/stores/tiny", "model": "/models/tiny <olmoe>", "arch": "routesae",
-         "layers": SAE_LAYERS, "moe_layers": MOE_LAYERS, "n_experts": E, "top_k": K, "tokens": 1500,
+         "layers": SAE_LAYERS, "moe_layers": MOE_LAYERS, "n_experts": n_experts, "top_k": K, "tokens": 1500,
          "n_latents": N_LATENTS, "dead_latents": len(DEAD), "dense_latents": 0,
          "interpretable": int(lat["interpretable"].sum()), "domains": DOMAINS, "eval": ev,
          "created": "2026-11-22T06:00:00Z"}))

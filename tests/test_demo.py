@@ -71,6 +71,9 @@ def test_first_call_runs_every_stage_on_held_out_tokens(first):
     root = cfg.root
     assert all(p.is_file() for p in _outputs(root).values())
     assert (root / "routesae" / "report" / "report.html").is_file()
+    comparison = root / "comparison" / "report.html"  # RouteSAE vs TopK, trained on the same store
+    assert comparison.is_file() and f"comparison: {comparison}" in "\n".join(lines)
+    assert "CE increase" in (root / "comparison" / "report.md").read_text()
     assert json.loads((root / "store-val" / "manifest.json").read_text())["capture_args"]["split"] == "val"
     for arch in ("routesae", "topk"):
         ev = json.loads((root / arch / "eval.json").read_text())

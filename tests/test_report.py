@@ -16,6 +16,7 @@ from plotly.offline import get_plotlyjs
 
 from routesae.report import ReportConfig, build_report, load_analysis
 from routesae.report import figures as F
+from routesae.report.htmlkit import SCRIPT
 from routesae.report.neuronpedia import ACTIVATION_KEYS, FEATURE_KEYS
 from routesae.report.tables import list_columns, read_csv_table
 from tests.analysis_fixture import DEAD, DOMAINS, MOE_LAYERS, N_LATENTS, TABLES, load_tables, make_analysis
@@ -23,7 +24,7 @@ from tests.analysis_fixture import DEAD, DOMAINS, MOE_LAYERS, N_LATENTS, TABLES,
 ALERT = "<script>alert(1)</script>"
 ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "script", "body", "nav", "main", "a", "h1", "h2", "h3",
                 "p", "section", "div", "span", "table", "thead", "tbody", "tr", "th", "td", "details", "summary",
-                "code", "b", "br"}
+                "code", "b", "br", "abbr", "ul", "li", "dl", "dt", "dd"}
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +86,12 @@ def test_html_self_contained_and_escaped(built):
     assert all("src" not in s["attrs"] for s in w.scripts)
     assert all(link.startswith("#") for link in w.links), w.links  # no external resource, only anchors
     assert "<link" not in text and "@import" not in text and "url(" not in text.split("</style>")[0]
-    # plotly.js exactly once, then one small inline script per figure
+    # plotly.js exactly once, one small inline script per figure, then the page's own (sorter, print resize)
     assert w.figures > 10
-    assert len(w.scripts) == 1 + w.figures
+    assert len(w.scripts) == 2 + w.figures
     assert w.scripts[0]["data"] == get_plotlyjs()
-    assert all("Plotly.newPlot" in s["data"] and len(s["data"]) < 200_000 for s in w.scripts[1:])
+    assert all("Plotly.newPlot" in s["data"] and len(s["data"]) < 200_000 for s in w.scripts[1:-1])
+    assert w.scripts[-1]["data"] == SCRIPT and "addEventListener" in SCRIPT
     assert text.count("Plotly.newPlot") >= w.figures
     # hostile corpus strings only escaped: no raw tag, text decodes back to the original
     assert "<script>alert" not in text.lower() and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
@@ -104,10 +106,13 @@ def test_html_self_contained_and_escaped(built):
         assert set(a) == {"class", "style", "title"}
         float(a["title"])
         assert re.fullmatch(r"background:rgba\(255,120,0,[01]\.\d\d\)", a["style"])
-    for section in ("summary", "evaluation", "specialisation", "load", "coldstart", "features"):
+    for section in ("findings", "evaluation", "specialisation", "load", "coldstart", "features", "details",
+                    "glossary"):
         assert f"id='{section}'" in text
+    assert text.index("id='findings'") < text.index("id='evaluation'")  # key findings first
     assert "Latent 11" not in visible  # the dead latent is not a top feature
-    assert "ce_recovered" in visible and "0.903" in visible
+    assert "CE loss recovered" in visible and "90.3%" in visible
+    assert "sae_space" not in visible and "ce_zero_ablated" not in visible  # human names only
 
 
 def test_markdown_escaped(built):
@@ -125,8 +130,11 @@ def test_markdown_escaped(built):
     for block in tables:
         widths = {len(re.split(r"(?<!\\)\|", row)) for row in block.strip().splitlines()}
         assert len(widths) == 1, block
-    for heading in ("## Summary", "## Evaluation", "## Expert specialisation", "## Cold start", "## Top features"):
-        assert heading in md
+    headings = ["## Key findings", "## Evaluation", "## Expert specialisation", "## Load balance and collapse",
+                "## Cold start", "## Top features", "## Run details", "## Glossary"]
+    assert [h for h in re.findall(r"^## .*$", md, re.M)] == headings  # findings first, glossary last
+    for link in re.findall(r"\]\((#[^)]*)\)", md):  # every finding links to a heading of this file
+        assert link[1:] in {h[3:].lower().replace(" ", "-") for h in headings}, link
 
 
 def _same(a, b) -> bool:
@@ -215,8 +223,8 @@ def test_formats_out_and_errors(tmp_path):
     assert all(p.parent in (out, out / "neuronpedia") for p in paths.values())
     assert sum(len(json.loads(paths[f"neuronpedia/batch-{b}.json"].read_text())["features"]) for b in range(3)) \
         == N_LATENTS
-    with pytest.raises(ValueError, match="unknown report format pdf; choose from html, md, csv, json"):
-        build_report(ReportConfig(run=str(run), formats=("html", "pdf")))
+    with pytest.raises(ValueError, match="unknown report format docx; choose from html, md, csv, json, pdf"):
+        build_report(ReportConfig(run=str(run), formats=("html", "docx")))
     with pytest.raises(FileNotFoundError, match="routesae analyze"):
         build_report(ReportConfig(run=str(tmp_path / "nothing")))
 

@@ -38,6 +38,16 @@ def test_report_has_an_escaped_dynamic_routing_section(routing_run, tmp_path):
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     md = paths["report.md"].read_text()
     assert "## Dynamic routing" in md and "Mean experts per token under top-p" in md
+    from routesae.report import load_analysis
+    from routesae.report.findings import routing_finding
+    from routesae.report.routing import needed_experts_table
+
+    f = routing_finding(load_analysis(routing_run))  # a key finding, equal to the "all" row of its table
+    row = needed_experts_table(load_analysis(routing_run).routing).set_index("domain").loc["all"]
+    assert f.values["compute_saved"] == row["compute saved"] and f.values["mean_needed_k"] == row["mean k'"]
+    assert f.text.startswith("Dynamic routing: tokens need on average k' = ")
+    for text in (html, md):
+        assert "Dynamic routing: tokens need on average" in text and "(#dynamic-routing)" in md
     assert HOSTILE not in md
 
 

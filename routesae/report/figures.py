@@ -26,6 +26,9 @@ HEATMAP_VALUES = {"selectivity": "selectivity: top-k share / the expert's share 
                   "share_top1": "share of the domain's tokens with the expert first",
                   "lift_topk": "top-k share / uniform k/E",
                   "lift_top1": "top-1 share / uniform 1/E"}
+HEATMAP_TITLES = {"selectivity": "selectivity (domain share / the expert's share of all tokens)",
+                  "share_topk": "top-k share of each domain", "share_top1": "top-1 share of each domain",
+                  "lift_topk": "lift (top-k share / uniform k/E)", "lift_top1": "top-1 lift (share / uniform 1/E)"}
 RATIOS = {"selectivity", "lift_topk", "lift_top1", "specialisation"}  # coloured on a log scale centred at 1
 POSITION_METRICS = {"router_entropy": "router entropy (nats)", "selectivity": "selectivity (largest, specialists)",
                     "specialisation": "largest lift (x uniform k/E)", "max_share": "largest expert share"}
@@ -49,6 +52,18 @@ def _empty(title: str) -> go.Figure:
     return _layout(fig, title, height=200, xaxis=dict(visible=False), yaxis=dict(visible=False))
 
 
+def expert_axis(names: list[str], title: str = "expert", most: int = 17) -> dict:
+    """A category axis over every expert name: at most ``most`` tick labels, evenly spaced, always the first
+    and the last expert (plotly's automatic ticks may skip the last), the whole range shown."""
+    n = len(names)
+    step = max(1, -(-n // (most - 1))) if n > most else 1
+    idx = sorted(set(range(0, n, step)) | ({n - 1} if n else set()))
+    if len(idx) > 2 and idx[-1] - idx[-2] <= step / 2:  # the last two labels would touch
+        idx.pop(-2)
+    return dict(title=title, type="category", tickmode="array", tickvals=[names[i] for i in idx],
+                ticktext=[names[i] for i in idx], range=[-0.5, n - 0.5], automargin=True)
+
+
 def ratio_colours(z: np.ndarray, title: str = "ratio") -> dict:
     """Heatmap arguments that colour ratios ``z`` on a log2 scale centred at 1 (zeros at the lowest colour)."""
     z = np.asarray(z, dtype=float)
@@ -57,7 +72,8 @@ def ratio_colours(z: np.ndarray, title: str = "ratio") -> dict:
     finite = lz[np.isfinite(lz)]
     m = int(np.clip(np.ceil(np.abs(finite).max()) if finite.size else 1, 1, LOG_RANGE))
     lz = np.clip(np.where(z == 0, -m, lz), -m, m)
-    ticks = list(range(-m, m + 1))
+    half = range(0, m + 1, 1 if m <= 3 else 2)  # every power of 2 up to 8, beyond that every other one
+    ticks = sorted({-t for t in half} | set(half))
     text = [f"1/{2 ** -t:g}" if t < 0 else f"{2 ** t:g}" for t in ticks]
     return dict(z=lz, colorscale="RdBu_r", zmid=0.0, zmin=-m, zmax=m, customdata=z,
                 colorbar=dict(title=dict(text=title), tickvals=ticks, ticktext=text))
@@ -68,7 +84,7 @@ def domain_expert_heatmap(expert_domain: pd.DataFrame, layer: int, value: str = 
     if value not in HEATMAP_VALUES:
         raise ValueError(f"unknown heatmap value {value!r}; choose one of {', '.join(HEATMAP_VALUES)}")
     d = expert_domain[expert_domain["layer"] == layer].copy()
-    title = f"layer {layer}: {HEATMAP_VALUES[value]}"
+    title = f"layer {layer}: {HEATMAP_TITLES[value]}"
     if d.empty:
         return _empty(title)
     if value == "lift_top1":
@@ -79,11 +95,12 @@ def domain_expert_heatmap(expert_domain: pd.DataFrame, layer: int, value: str = 
     z = m.to_numpy(dtype=float)
     colours = ratio_colours(z, value.split("_")[0]) if value in RATIOS else dict(
         z=z, colorscale="Viridis", customdata=z, colorbar=dict(title=dict(text="share")))
+    names = [f"E{int(e)}" for e in m.columns]
     fig = go.Figure(go.Heatmap(
-        x=[f"E{int(e)}" for e in m.columns], y=[label(s) for s in m.index],
-        text=np.round(z, 2), texttemplate="%{text}" if z.size <= 400 else None,
+        x=names, y=[label(s) for s in m.index],
+        text=np.round(z, 2), texttemplate="%{text}" if z.size <= 400 and len(names) <= 16 else None,
         hovertemplate="domain %{y}<br>expert %{x}<br>" + value + " %{customdata:.3f}<extra></extra>", **colours))
-    return _layout(fig, title, height=max(220, 60 + 28 * len(m.index)), xaxis=dict(title="expert"))
+    return _layout(fig, title, height=max(240, 80 + 26 * len(m.index)), xaxis=expert_axis(names))
 
 
 def domain_layer_heatmap(domain_layer: pd.DataFrame, value: str = "selectivity") -> go.Figure:
@@ -115,13 +132,29 @@ def expert_load_bars(expert_stats: pd.DataFrame, layer: int) -> go.Figure:
     flag = np.array([", ".join(f for f, on in (("collapsed (low)", lo), ("overloaded (high)", hi), ("hub", hb)) if on)
                      or "ok" for lo, hi, hb in zip(low, high, hub)], dtype=object)
     top = [label(x) for x in d["top_domain"]] if "top_domain" in d else [""] * len(d)
-    fig = go.Figure(go.Bar(x=[f"E{int(e)}" for e in d["expert"]], y=d["load"], marker_color=colour,
+    names = [f"E{int(e)}" for e in d["expert"]]
+    fig = go.Figure(go.Bar(x=names, y=d["load"], marker_color=colour,
                            customdata=np.stack([flag, top], 1),
                            hovertemplate="expert %{x}<br>load %{y:.4f}<br>%{customdata[0]}<br>"
                                          "top domain %{customdata[1]}<extra></extra>"))
     uniform = 1.0 / max(len(d), 1)
     fig.add_hline(y=uniform, line_dash="dash", line_color="grey", annotation_text="uniform 1/E")
-    return _layout(fig, title, height=300, xaxis=dict(title="expert"), yaxis=dict(title="load"), showlegend=False)
+    return _layout(fig, title, height=300, xaxis=expert_axis(names), yaxis=dict(title="load"), showlegend=False)
+
+
+def expert_load_heatmap(expert_stats: pd.DataFrame) -> go.Figure:
+    """Load of every expert of every MoE layer over the uniform 1/E (log colour scale centred at 1)."""
+    title = "expert load / uniform 1/E, every MoE layer"
+    if expert_stats.empty:
+        return _empty(title)
+    d = expert_stats.assign(ratio=expert_stats["load"] * expert_stats.groupby("layer")["expert"].transform("count"))
+    m = d.pivot_table(index="layer", columns="expert", values="ratio", aggfunc="first", sort=True, dropna=False)
+    names = [f"E{int(e)}" for e in m.columns]
+    fig = go.Figure(go.Heatmap(x=names, y=[f"L{int(j)}" for j in m.index],
+                               hovertemplate="layer %{y}<br>expert %{x}<br>load %{customdata:.2f}x uniform"
+                                             "<extra></extra>", **ratio_colours(m.to_numpy(dtype=float), "x 1/E")))
+    return _layout(fig, title, height=max(220, 90 + 24 * len(m.index)), xaxis=expert_axis(names),
+                   yaxis=dict(title="MoE layer", autorange="reversed"))
 
 
 def coactivation_heatmap(coactivation: pd.DataFrame, layer: int) -> go.Figure:
@@ -135,12 +168,12 @@ def coactivation_heatmap(coactivation: pd.DataFrame, layer: int) -> go.Figure:
     for i, e in enumerate(m.index):
         if e in m.columns:
             z[i, list(m.columns).index(e)] = np.nan
-    fig = go.Figure(go.Heatmap(z=z, x=[f"E{int(e)}" for e in m.columns], y=[f"E{int(e)}" for e in m.index],
-                               colorscale="Blues",
+    xs, ys = [f"E{int(e)}" for e in m.columns], [f"E{int(e)}" for e in m.index]
+    fig = go.Figure(go.Heatmap(z=z, x=xs, y=ys, colorscale="Blues",
                                hovertemplate="E_i %{y}, E_j %{x}<br>rate %{z:.3f}<extra></extra>"))
-    side = max(260, 40 * len(m.index) + 80)
-    return _layout(fig, title, height=min(side, 700), xaxis=dict(title="expert j"),
-                   yaxis=dict(title="expert i", autorange="reversed"))
+    side = max(280, 14 * len(m.index) + 120)
+    yaxis = {**expert_axis(ys, "expert i"), "range": [len(ys) - 0.5, -0.5]}
+    return _layout(fig, title, height=min(side, 520), xaxis=expert_axis(xs, "expert j", most=9), yaxis=yaxis)
 
 
 def bucket_order(buckets) -> list[str]:

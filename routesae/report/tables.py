@@ -31,6 +31,7 @@ import pandas as pd
 
 from routesae.atomic import atomic_path, atomic_write_bytes
 from routesae.report import facts
+from routesae.report.findings import findings
 from routesae.report.load import Analysis, as_list, records, scalar, top_features
 
 SUMMARY_FORMAT = "routesae-report-summary/1"
@@ -180,6 +181,8 @@ def summary_json(a: Analysis, top_n: int = 30) -> dict[str, Any]:
         "collapsed_experts": records(facts.collapsed(a)) if not a.expert_stats.empty else [],
         "cold_start": records(a.position_profile) if not a.position_profile.empty else [],
         "top_features": feats,
+        "findings": [{"key": f.key, "section": f.section, "text": f.text, "values": f.values}
+                     for f in findings(a)],
     }
     if not experts:
         for k in ("n_experts", "top_k", "layer_stats", "top_experts_per_domain", "most_specialised_experts",
