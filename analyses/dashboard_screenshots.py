@@ -3,7 +3,8 @@
     python analyses/dashboard_screenshots.py [RUN] [--feature N] [--out docs/figures]
 
 RUN defaults to the full demo's RouteSAE run (``routesae demo`` first). The feature page shows
-``--feature`` (default: the interpretable latent that fires most often in the analysis); the
+``--feature`` (default: the interpretable latent that fires most often in the analysis; the README
+uses ``--feature 48``, a math latent of the "=" sign); the
 experts page opens at its default layer. Writes ``dashboard-feature.png`` and
 ``dashboard-experts.png`` (1400 x 1000 pixels) into ``--out``.
 """
@@ -37,10 +38,11 @@ def default_feature(run: Path) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", nargs="?", default=str(ROOT / "runs" / "demo" / "full" / "routesae"))
+    ap.add_argument("run", nargs="?", default="runs/demo/full/routesae", help="relative to the repository root")
     ap.add_argument("--feature", type=int)
     ap.add_argument("--out", default=str(ROOT / "docs" / "figures"))
     args = ap.parse_args()
+    os.chdir(ROOT)  # paths in the pages are shown relative to it
     run, out = Path(args.run), Path(args.out)
     if find_chromium() is None:
         raise SystemExit("no chromium on PATH; apt-get install -y chromium")
@@ -49,7 +51,7 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen(dashboard.command(run, port=port), env={**os.environ, dashboard.RUN_ENV: str(run)},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     browser = None
     try:
         url = f"http://127.0.0.1:{port}"

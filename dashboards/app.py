@@ -18,6 +18,8 @@ if str(HERE) not in sys.path:  # the pages import ``common`` from this folder
 
 from common import PAGES, feature_param, md_text, run_arg  # noqa: E402
 
+from routesae.report.load import display_path  # noqa: E402
+
 st.set_page_config(page_title="routesae dashboard", page_icon=":material/hub:", layout="wide")
 
 pages = {
@@ -31,7 +33,7 @@ pages = {
 }
 page = st.navigation(list(pages.values()))
 if run_arg():
-    st.sidebar.caption(f"run: {md_text(Path(run_arg()).expanduser().name)}  \n{md_text(run_arg())}")
+    st.sidebar.caption(f"run: {md_text(Path(run_arg()).expanduser().name)}  \n{md_text(display_path(run_arg()))}")
 if page.url_path in ("", "overview") and feature_param() is not None:  # /?feature=N is a permalink too
     st.switch_page(pages["features"], query_params={"feature": str(feature_param())})
 t0 = time.perf_counter()

@@ -86,7 +86,8 @@ class Analysis:
 
     @property
     def model_name(self) -> str:
-        return str(self.summary.get("model") or (self.config.get("meta") or {}).get("model") or "?")
+        """The model as recorded (a hub name or a path; a path under the working directory shown relative)."""
+        return display_path(str(self.summary.get("model") or (self.config.get("meta") or {}).get("model") or "?"))
 
     def latent_row(self, latent: int) -> pd.Series | None:
         lat = self.latents
@@ -177,3 +178,15 @@ def top_features(a: Analysis, n: int) -> list[int]:
     interp = live["interpretable"].astype(bool) if "interpretable" in live else pd.Series(False, index=live.index)
     order = live.assign(_i=interp).sort_values(["_i", "density", "latent"], ascending=[False, False, True])
     return [int(x) for x in order["latent"].head(n)]
+
+
+def display_path(text: str) -> str:
+    """``text`` relative to the working directory when it is an absolute path below it, else unchanged
+    (reports and the dashboard then show ``data/demo-moe``, not the machine's folder layout)."""
+    p = Path(text)
+    if not p.is_absolute():
+        return text
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return text
