@@ -125,7 +125,8 @@ def metrics_row(ev: dict) -> dict[str, Any]:
     sp = ev.get("splice") or {}
     if ev["arch"] == "mlsae":
         sp = sp.get("mean") or {}
-    return {"nmse": s["nmse"], "ev": s["explained_variance"], "l0": s["l0"], "dead": s["dead_fraction"],
+    return {"nmse": s["nmse"], "nmse_raw": (ev.get("raw_space") or {}).get("nmse"),
+            "ev": s["explained_variance"], "l0": s["l0"], "dead": s["dead_fraction"],
             "ce_rec": sp.get("ce_recovered"), "kl": sp.get("kl"), "ce_increase": sp.get("ce_increase"),
             "hist": (ev.get("routed_layers") or {}).get("fractions")}
 

@@ -106,7 +106,7 @@ def run_all(args) -> dict:
     return result
 
 
-MEANS = ("nmse", "ev", "l0", "dead", "ce_rec", "kl", "features")
+MEANS = ("nmse", "nmse_raw", "ev", "l0", "dead", "ce_rec", "kl", "features")
 
 
 def _mean_sd(vals: list) -> tuple[float | None, float | None]:
@@ -231,10 +231,12 @@ def markdown(res: dict) -> str:
            f"evaluated tokens; at most {fc.get('max_per_bucket')} contexts per lower-cased token, latents with "
            f"more than {fc.get('max_buckets')} token buckets dropped, at least {fc.get('min_contexts')} "
            "contexts kept.", ""]
-    table = [[r["method"], r["k"], pm(r, "nmse", ".3f"), pm(r, "ev", ".3f"), fmt(r["l0"], ".1f"), fmt(r["dead"], ".3f"),
+    table = [[r["method"], r["k"], pm(r, "nmse", ".3f"), pm(r, "nmse_raw", ".3f"), pm(r, "ev", ".3f"),
+              fmt(r["l0"], ".1f"), fmt(r["dead"], ".3f"),
               pm(r, "ce_rec", ".3f"), pm(r, "kl", ".3f"), pm(r, "features", ".0f"),
               ", ".join(f"{x:.2f}" for x in r["hist"]) if r["hist"] else "-"] for r in rows]
-    out += [markdown_table(["method", "k", "NMSE", "explained var.", "L0", "dead", "CE recovered", "KL/token",
+    out += [markdown_table(["method", "k", "NMSE", "NMSE (raw residual)", "explained var.", "L0", "dead",
+                            "CE recovered", "KL/token",
                             "interpretable features", "routed-layer fractions (blocks "
                             + ", ".join(map(str, res["layers"])) + ")"], table), ""]
     budgets = list(rows[0]["features_by_tokens"]) if rows else []

@@ -140,7 +140,7 @@ def one_run(args, store: str, val: str, name: str, opts: dict, k: int, seed: int
 
 
 def summarise(rows: list[dict], fire: list[float]) -> list[dict]:
-    keys = ["nmse", "kl", "ce_rec", "entropy", "margin", "dead", *[f"features@{f:g}" for f in fire]]
+    keys = ["nmse", "nmse_raw", "kl", "ce_rec", "entropy", "margin", "dead", *[f"features@{f:g}" for f in fire]]
     out = []
     for name, k in dict.fromkeys((r["router"], r["k"]) for r in rows):
         group = [r for r in rows if (r["router"], r["k"]) == (name, k)]
@@ -176,9 +176,9 @@ def markdown(res: dict) -> str:
            f"seeds {a['seeds']} (mean ± sd); `balanced` = faithful with the layer-balance loss, weight "
            f"{a['balance']}. H = normalised entropy of the routed-layer fractions (1 = all layers equally used); "
            "margin = mean p_top1 - p_top2.", ""]
-    out += [markdown_table(["router", "k", "NMSE", "KL/token", "CE recovered",
+    out += [markdown_table(["router", "k", "NMSE (raw residual)", "KL/token", "CE recovered",
                             *[f"features @{f:g}" for f in fire], "H", "margin", "routed-layer fractions"],
-                           [[s["router"], s["k"], pm(s, "nmse"), pm(s, "kl"), pm(s, "ce_rec"),
+                           [[s["router"], s["k"], pm(s, "nmse_raw"), pm(s, "kl"), pm(s, "ce_rec"),
                              *[pm(s, f"features@{f:g}", ".0f") for f in fire], pm(s, "entropy", ".2f"),
                              pm(s, "margin", ".2f"), ", ".join(f"{x:.2f}" for x in s["hist"])] for s in summary]), ""]
     mid = min(fire, key=lambda f: abs(f - 0.5))
