@@ -137,8 +137,9 @@ def evaluate(
     typer.echo(f"store {res['store']} ({res['store_source']}): tokens {rng['start']}..{rng['stop']}, "
                f"{inside[res['in_sample']]}")
     sae = res["sae_space"]
-    typer.echo(f"L0 {sae['l0']:.1f}  NMSE {sae['nmse']:.4f}  explained variance {sae['explained_variance']:.4f}  "
-               f"dead {sae['dead_fraction']:.3f}")
+    raw = res.get("raw_space") or {}
+    typer.echo(f"L0 {sae['l0']:.1f}  NMSE {sae['nmse']:.4f} (SAE input), {_num(raw.get('nmse'), '.4f')} (raw "
+               f"residual)  explained variance {sae['explained_variance']:.4f}  dead {sae['dead_fraction']:.3f}")
     sp = res.get("splice") or {}
     mc = sp.get("model_check") or {}
     if mc.get("value") is not None:

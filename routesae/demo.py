@@ -154,14 +154,15 @@ def _held_out(path: Path) -> bool:
 
 def _summary(runs: dict[str, Path], log) -> None:
     log("")
-    log(f"{'':10s} {'NMSE':>8s} {'expl.var':>9s} {'L0':>6s} {'CE rec.':>8s} {'KL/token':>9s}")
+    log(f"{'':10s} {'NMSE':>8s} {'expl.var':>9s} {'L0':>6s} {'CE rec.':>8s} {'KL/token':>9s}   "
+        f"(NMSE, explained variance: the raw residual of the spliced layer vs its reconstruction)")
     for arch, run in runs.items():
         ev = json.loads((run / "eval.json").read_text())
         sp = ev.get("splice") or {}
         ce = f"{sp['ce_recovered']:8.3f}" if "ce_recovered" in sp else f"{'n/a':>8s}"
         kl = f"{sp['kl']:9.4f}" if "kl" in sp else f"{'n/a':>9s}"
-        s = ev["sae_space"]
-        log(f"{arch:10s} {s['nmse']:8.4f} {s['explained_variance']:9.4f} {s['l0']:6.1f} {ce} {kl}")
+        s, raw = ev["sae_space"], ev.get("raw_space") or ev["sae_space"]
+        log(f"{arch:10s} {raw['nmse']:8.4f} {raw['explained_variance']:9.4f} {s['l0']:6.1f} {ce} {kl}")
     r = ev.get("token_range") or {}
     log(f"(held-out: tokens {r.get('start')}..{r.get('stop')} of {ev['store']}, split {ev.get('store_split')}, "
         f"in_sample={ev.get('in_sample')})")
