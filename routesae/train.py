@@ -48,7 +48,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,7 @@ from .atomic import atomic_write_json
 from .checkpoint import StopOnSignal, load_state, restoring, rewind_log, rng_state, save_checkpoint, set_rng_state
 from .heldout import check_eval_store, record_eval_store, store_record
 from .recipe import B_PRE_INITS, CENTER_INITS, DECODER_NORMS, ENC_INITS, DecoderConstraint
-from .run_guard import check_out, check_restart, check_resume
+from .run_guard import check_out, check_restart, check_resume, read_train_config
 from .sae import SAEConfig, SparseAutoencoder, build_sae
 from .sae.config import ARCHS
 from .sae.route_stats import margin_sum, routing_summary
@@ -199,7 +199,7 @@ def train(cfg: TrainConfig, callback: Callable[[int, SparseAutoencoder, dict], N
     StoreError/ValueError (bad inputs, one line).
     """
     cfg.validate()
-    dev_name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dev_name = device_name(cfg.device)
     dist = Dist.from_env(cuda=dev_name.startswith("cuda"))
     try:
         return _train(cfg, dist, callback, dev_name)
@@ -208,40 +208,158 @@ def train(cfg: TrainConfig, callback: Callable[[int, SparseAutoencoder, dict], N
             tdist.destroy_process_group()
 
 
+def device_name(device: str) -> str:
+    return device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def rank_device(dev_name: str, dist: Dist) -> torch.device:
+    """The SAE's device in this process (``cuda:LOCAL_RANK`` under torchrun)."""
+    return torch.device(f"cuda:{dist.local_rank}" if dev_name == "cuda" and dist.world > 1 else dev_name)
+
+
 def _train(cfg: TrainConfig, dist: Dist, callback, dev_name: str) -> Path:
-    device = torch.device(f"cuda:{dist.local_rank}" if dev_name == "cuda" and dist.world > 1 else dev_name)
-    out, main = Path(cfg.out), dist.rank == 0
-    wandb_module = _import_wandb(cfg, main)
+    device = rank_device(dev_name, dist)
+    wandb_module = _import_wandb(cfg, dist.rank == 0)
     store = Store(cfg.store)
-    r = resolve(cfg, store, dist.world)
+    plan = check_run(cfg, store, dist.world)
+    verify_store(cfg, store)
+    t = start_run(plan, store, dist, device, extra=lambda: {"store_identity": plan.identity})
+    if t.step >= t.total:
+        log.info("%s already finished (%d steps)", t.out, t.total)
+        return t.out
+    run_loop([t], ranked(batches(store, cfg, plan.r, t.step), dist), dist, device, callback, wandb_module)
+    return t.out
+
+
+def ranked(stream: Iterator[torch.Tensor], dist: Dist) -> Iterator[torch.Tensor]:
+    """This process's rows of each global batch: ``rank::world_size`` (all of it without DDP)."""
+    for resid in stream:
+        yield resid[dist.rank::dist.world] if dist.world > 1 else resid
+
+
+@dataclass
+class RunPlan:
+    """What the checks of one run found, before anything is written (:func:`check_run`)."""
+
+    cfg: TrainConfig
+    r: dict[str, Any]
+    sae_cfg: SAEConfig
+    identity: str
+    held: dict[str, Any] | None
+    ckpt: Path | None
+    state: dict[str, Any] | None
+    saved_sae: SparseAutoencoder | None
+
+
+def check_run(cfg: TrainConfig, store: Any, world: int, meta: dict[str, Any] | None = None,
+              check_source: Callable[[dict[str, Any], str], None] | None = None) -> RunPlan:
+    """Every check of one run that writes nothing: defaults against the store, ``--out``, the checkpoint.
+
+    ``store``: a :class:`Store`, or a view with the same description (routesae/online.py).
+    ``check_source(saved, where)``: extra checks of what a checkpoint (or an early ``train_config.json``)
+    recorded, for online runs.
+    """
+    r = resolve(cfg, store, world)
+    out = Path(cfg.out)
     ckpt = check_out(out, cfg.resume)
+    meta = meta if meta is not None else {"model": store.manifest.get("model", {}).get("name_or_path"),
+                                          "store": str(store.root)}
     sae_cfg = SAEConfig(arch=cfg.arch, d_in=store.d_model, n_latents=r["latents"], k=cfg.k, layers=r["layers"],
                         routing=cfg.routing, pooling=cfg.pooling, router=cfg.router, aux_k=cfg.aux_k,
                         aux_coef=cfg.aux_coef, dead_tokens=r["dead_tokens"], route_balance=cfg.route_balance,
-                        meta={"model": store.manifest.get("model", {}).get("name_or_path"),
-                              "store": str(store.root)}).validate()
+                        meta=meta).validate()
     identity = store.identity()
     held = check_eval_store(cfg.eval_store, store, r["layers"]) if cfg.eval_store else None
-    state: dict[str, Any] | None = None
+    state, saved_sae = None, None
     if ckpt is not None:
         state = load_state(ckpt)
         saved_sae = check_resume(cfg, state, ckpt, store, sae_cfg)
+        if check_source is not None:
+            check_source(state, str(ckpt / "state.pt"))
     else:
         check_restart(cfg, out, store)
-    verify_store(cfg, store)
+        old = read_train_config(out) if check_source is not None else None
+        if old is not None:
+            check_source(old, str(out / "train_config.json"))
+    return RunPlan(cfg, r, sae_cfg, identity, held, ckpt, state, saved_sae)
+
+
+@dataclass
+class Trainee:
+    """One SAE in training: its options, run folder, optimiser, step and metrics window (:func:`start_run`)."""
+
+    cfg: TrainConfig
+    r: dict[str, Any]
+    out: Path
+    sae: SparseAutoencoder
+    model: torch.nn.Module  # the SAE, or its DistributedDataParallel wrapper
+    opt: torch.optim.Optimizer
+    constraint: DecoderConstraint
+    step: int
+    total: int
+    win: dict[str, Any]
+    saved: int | None  # the step of the last checkpoint written (or resumed from)
+    extra: Callable[[], dict[str, Any]]  # the data cursor's fields of each checkpoint (called on every rank)
+    select: Callable[[torch.Tensor], torch.Tensor] | None = None  # this SAE's input from a shared batch
+    failed: str | None = None
+    metrics: Any = None
+    wandb: Any = None
+    t0: float = 0.0
+    rows: int = 0
+
+    def last_good(self) -> str:
+        return (f"the last good checkpoint is {self.out / 'checkpoint'} (step {self.saved})" if self.saved is not None
+                else "no checkpoint was written yet")
+
+    def checkpoint(self, dist: Dist) -> None:
+        if any(not torch.isfinite(p).all() for p in self.sae.parameters()):
+            raise TrainingDiverged(f"parameters became non-finite at step {self.step}; {self.last_good()}; "
+                                   f"lower --lr")
+        extra = self.extra()
+        if dist.rank == 0:
+            save_checkpoint(self.out, self.sae, {"step": self.step, "total_steps": self.total,
+                                                 "optimizer": self.opt.state_dict(), "rng": rng_state(),
+                                                 "window": self.win, "train_config": asdict(self.cfg), **extra})
+            self.sae.save_pretrained(self.out)
+        if dist.world > 1:
+            tdist.barrier()
+        self.saved = self.step
+
+
+def store_summary(store: Store, identity: str) -> dict[str, Any]:
+    """``train_config.json["store_summary"]`` of a store-trained run."""
+    summary = {k: store.manifest.get(k) for k in ("model", "layers", "tokens", "d_model", "n_layers")}
+    rec = store_record(store)
+    return {"path": str(store.root), "identity": identity, **summary,
+            **{k: rec[k] for k in ("corpus_fingerprint", "split")}}
+
+
+def start_run(plan: RunPlan, store: Any, dist: Dist, device: torch.device, extra: Callable[[], dict[str, Any]],
+              summary: dict[str, Any] | None = None, sample: Callable[[int], torch.Tensor] | None = None,
+              config_extra: dict[str, Any] | None = None) -> Trainee:
+    """Build (or restore) the SAE and its optimiser and write the run's first files (rank 0).
+
+    ``sample(n)``: the first ``n`` input rows for the initialisation (default: a seeded sample of
+    ``store``); with it, DDP ranks take rank 0's initial SAE. ``summary``: the store summary of
+    ``train_config.json`` (default: ``store``'s); ``config_extra``: more top-level keys there.
+    """
+    cfg, r, state = plan.cfg, plan.r, plan.state
+    out, main = Path(cfg.out), dist.rank == 0
     if state is None:
-        sae = initial_sae(cfg, sae_cfg, store, r, device)
+        sae = initial_sae(cfg, plan.sae_cfg, store, r, device, sample)
+        if sample is not None and dist.world > 1:  # each rank sampled its own rows: take rank 0's SAE
+            for tensor in sae.state_dict().values():
+                tdist.broadcast(tensor, 0)
     else:
         seed_everything(cfg.seed)
-        sae = build_sae(sae_cfg)
-        sae.load_state_dict(saved_sae.state_dict())
+        sae = build_sae(plan.sae_cfg)
+        sae.load_state_dict(plan.saved_sae.state_dict())
         sae.to(device).train()
     constraint = DecoderConstraint(cfg.decoder_norm, cfg.renorm_every)
     opt = torch.optim.Adam(sae.parameters(), lr=r["lr"], betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    step, total = 0, r["steps"]
-    win = _new_window(len(r["layers"]))
+    step, win = 0, _new_window(len(r["layers"]))
     if state is not None:
-        with restoring(ckpt):
+        with restoring(plan.ckpt):
             opt.load_state_dict(state["optimizer"])
             set_rng_state(state["rng"])
         step, win = int(state["step"]), state["window"]
@@ -255,115 +373,132 @@ def _train(cfg: TrainConfig, dist: Dist, callback, dev_name: str) -> Path:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         if state is None:
-            summary = {k: store.manifest.get(k) for k in ("model", "layers", "tokens", "d_model", "n_layers")}
-            rec = store_record(store)
-            atomic_write_json(out / "train_config.json", {**asdict(cfg), "resolved": r, "store_summary": {
-                "path": str(store.root), "identity": identity, **summary,
-                **{k: rec[k] for k in ("corpus_fingerprint", "split")}}})
-        if held is not None:
-            record_eval_store(out, held)
+            atomic_write_json(out / "train_config.json", {
+                **asdict(cfg), "resolved": r, **(config_extra or {}),
+                "store_summary": summary if summary is not None else store_summary(store, plan.identity)})
+        if plan.held is not None:
+            record_eval_store(out, plan.held)
         rewind_log(out / "metrics.jsonl", step)
-    if step >= total:
-        log.info("%s already finished (%d steps)", out, total)
-        return out
+    return Trainee(cfg, r, out, sae, model, opt, constraint, step, r["steps"], win,
+                   step if state is not None else None, extra)
 
-    def checkpoint() -> None:
-        if any(not torch.isfinite(p).all() for p in sae.parameters()):
-            raise TrainingDiverged(f"parameters became non-finite at step {step}; {last_good()}; lower --lr")
-        if main:
-            save_checkpoint(out, sae, {"step": step, "total_steps": total, "optimizer": opt.state_dict(),
-                                       "rng": rng_state(), "window": win, "train_config": asdict(cfg),
-                                       "store_identity": identity})
-            sae.save_pretrained(out)
-        if dist.world > 1:
-            tdist.barrier()
-        saved[0] = step
 
-    def last_good() -> str:
-        return (f"the last good checkpoint is {out / 'checkpoint'} (step {saved[0]})" if saved[0] is not None
-                else "no checkpoint was written yet")
+def run_loop(trainees: list[Trainee], stream: Iterator[torch.Tensor], dist: Dist, device: torch.device,
+             callback: Callable[[int, SparseAutoencoder, dict], None] | None = None, wandb_module: Any = None,
+             keep_going: bool = False, where: str | None = None) -> None:
+    """Train every SAE of ``trainees`` on the batches of ``stream`` (this process's rows) until the last step.
 
-    saved: list[int | None] = [step if state is not None else None]
-    wandb = _wandb(wandb_module, cfg, r, out)
-    bar = _progress(cfg, main, total, step)
-    stream = batches(store, cfg, r, step)
-    t0, rows0 = time.perf_counter(), 0
-    hist_on, n_pos = cfg.arch == "routesae", len(r["layers"])
-    metrics = open(out / "metrics.jsonl", "a") if main else None
+    All trainees share the step count and the stream, which starts at the smallest step among them;
+    a trainee resumed from a later checkpoint skips the batches it already trained on. With
+    ``keep_going``, a trainee whose loss diverges stops (``trainee.failed``) and the others go on;
+    otherwise TrainingDiverged is raised at once. ``where`` names the checkpoints in the message of
+    TrainingInterrupted (default: the one trainee's).
+    """
+    main, first = dist.rank == 0, trainees[0]
+    total = first.total
+    step = min(t.step for t in trainees)
+    for t in trainees:
+        t.wandb = _wandb(wandb_module, t.cfg, t.r, t.out)
+        t.metrics = open(t.out / "metrics.jsonl", "a") if main else None
+    bar = _progress(first.cfg, main, total, step, len(trainees))
+    for t in trainees:
+        t.t0, t.rows = time.perf_counter(), 0
     try:
         with StopOnSignal() as signals:
-            while step < total:
-                resid = next(stream)
-                resid = resid[dist.rank::dist.world] if dist.world > 1 else resid
-                resid = resid.to(device, non_blocking=True)
-                lr = lr_at(step, total, r["lr"], cfg.warmup_frac, cfg.decay_frac)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                o = model(resid)
-                l0 = (o.top_val > 0).sum(-1).float().mean()
-                route = l0.new_zeros(0)
-                if hist_on:  # summed margin, balance loss (a mean per rank), routed-layer histogram
-                    bal = o.balance_loss.detach() / dist.world
-                    route = torch.cat([torch.stack([margin_sum(o.router_probs), bal]),
-                                       torch.bincount(o.routed_layer, minlength=n_pos).float()])
-                stats = torch.cat([torch.stack([o.loss.detach(), o.recon_loss.detach(), o.aux_loss.detach(), l0,
-                                                torch.tensor(float(signals.flag), device=device)]), route])
-                vals = dist.all_sum(stats).tolist()  # one collective: summed means, flag, routing sums
-                vals[:5] = [v / dist.world for v in vals[:5]]
-                if not math.isfinite(vals[0]):
-                    raise TrainingDiverged(f"loss became {vals[0]} at step {step + 1}; {last_good()}; lower --lr")
-                o.loss.backward()
-                constraint.after_backward(sae)
-                opt.step()
-                constraint.after_step(sae, step + 1)
-                opt.zero_grad(set_to_none=True)
+            while step < total and any(t.failed is None for t in trainees):
+                batch = next(stream).to(device, non_blocking=True)
+                flags = []
+                for t in trainees:
+                    if t.failed is not None or t.step != step:
+                        continue  # stopped, or resumed from a later checkpoint: skips the batches it trained on
+                    try:
+                        flags.append(_step(t, batch, dist, device, signals, bar if t is first else None, callback))
+                    except TrainingDiverged as e:
+                        if not keep_going:
+                            raise
+                        t.failed = str(e)
+                        log.error("%s: %s", t.out, e)
                 step += 1
-                rows0 += cfg.batch_tokens
-                win["steps"] += 1
-                win["sums"] = [a + b for a, b in zip(win["sums"], vals[:4])]
-                if hist_on:
-                    win["route"] = [a + b for a, b in zip(win.setdefault("route", [0.0, 0.0]), vals[5:7])]
-                    win["hist"] += torch.tensor([round(v) for v in vals[7:]], dtype=torch.int64)
-                record = dict(zip(("loss", "nmse", "aux", "l0"), vals[:4]), step=step, lr=lr)
-                if step % cfg.log_every == 0 or step == total:
-                    record = _log_record(step, cfg, lr, win, hist_on, sae, time.perf_counter() - t0, rows0)
-                    win, t0, rows0 = _new_window(n_pos), time.perf_counter(), 0
-                    if main:
-                        metrics.write(json.dumps(record) + "\n")
-                        metrics.flush()
-                        if wandb is not None:
-                            wandb.log(record, step=step)
-                    if bar is not None:
-                        bar.set_postfix(tok_s=f"{record['tokens_per_s'] or 0:.3g}", nmse=f"{record['nmse']:.4f}",
-                                        l0=f"{record['l0']:.1f}")
                 if bar is not None:
                     bar.update(1)
-                if step % cfg.ckpt_every == 0 or step == total:
-                    checkpoint()
-                if callback is not None:
-                    callback(step, sae, record)
-                stop = signals.flag if dist.world == 1 else vals[4] > 0
+                stop = signals.flag if dist.world == 1 else any(flags)
                 if stop and step < total:
-                    if saved[0] != step:
-                        checkpoint()
+                    for t in trainees:
+                        if t.failed is None and t.saved != t.step:
+                            t.checkpoint(dist)
                     raise TrainingInterrupted(f"stopped at step {step} of {total}; checkpoint in "
-                                              f"{out / 'checkpoint'}; continue with --resume")
+                                              f"{where or first.out / 'checkpoint'}; continue with --resume")
     finally:
-        if metrics is not None:
-            metrics.close()
+        for t in trainees:
+            if t.metrics is not None:
+                t.metrics.close()
+            if t.wandb is not None:
+                t.wandb.finish()
         if bar is not None:
             bar.close()
-        if wandb is not None:
-            wandb.finish()
-    return out
 
 
-def _progress(cfg: TrainConfig, main: bool, total: int, step: int):
+def _step(t: Trainee, batch: torch.Tensor, dist: Dist, device: torch.device, signals: StopOnSignal, bar,
+          callback) -> bool:
+    """One optimiser step of one trainee; True when some process asked to stop (SIGINT/SIGTERM)."""
+    cfg, sae, win = t.cfg, t.sae, t.win
+    resid = batch if t.select is None else t.select(batch)
+    hist_on, n_pos = cfg.arch == "routesae", len(t.r["layers"])
+    lr = lr_at(t.step, t.total, t.r["lr"], cfg.warmup_frac, cfg.decay_frac)
+    for g in t.opt.param_groups:
+        g["lr"] = lr
+    o = t.model(resid)
+    l0 = (o.top_val > 0).sum(-1).float().mean()
+    route = l0.new_zeros(0)
+    if hist_on:  # summed margin, balance loss (a mean per rank), routed-layer histogram
+        bal = o.balance_loss.detach() / dist.world
+        route = torch.cat([torch.stack([margin_sum(o.router_probs), bal]),
+                           torch.bincount(o.routed_layer, minlength=n_pos).float()])
+    stats = torch.cat([torch.stack([o.loss.detach(), o.recon_loss.detach(), o.aux_loss.detach(), l0,
+                                    torch.tensor(float(signals.flag), device=device)]), route])
+    vals = dist.all_sum(stats).tolist()  # one collective: summed means, flag, routing sums
+    vals[:5] = [v / dist.world for v in vals[:5]]
+    if not math.isfinite(vals[0]):
+        raise TrainingDiverged(f"loss became {vals[0]} at step {t.step + 1}; {t.last_good()}; lower --lr")
+    o.loss.backward()
+    t.constraint.after_backward(sae)
+    t.opt.step()
+    t.constraint.after_step(sae, t.step + 1)
+    t.opt.zero_grad(set_to_none=True)
+    t.step += 1
+    step = t.step
+    t.rows += cfg.batch_tokens
+    win["steps"] += 1
+    win["sums"] = [a + b for a, b in zip(win["sums"], vals[:4])]
+    if hist_on:
+        win["route"] = [a + b for a, b in zip(win.setdefault("route", [0.0, 0.0]), vals[5:7])]
+        win["hist"] += torch.tensor([round(v) for v in vals[7:]], dtype=torch.int64)
+    record = dict(zip(("loss", "nmse", "aux", "l0"), vals[:4]), step=step, lr=lr)
+    if step % cfg.log_every == 0 or step == t.total:
+        record = _log_record(step, cfg, lr, win, hist_on, sae, time.perf_counter() - t.t0, t.rows)
+        t.win, t.t0, t.rows = _new_window(n_pos), time.perf_counter(), 0
+        if t.metrics is not None:
+            t.metrics.write(json.dumps(record) + "\n")
+            t.metrics.flush()
+            if t.wandb is not None:
+                t.wandb.log(record, step=step)
+        if bar is not None:
+            bar.set_postfix(tok_s=f"{record['tokens_per_s'] or 0:.3g}", nmse=f"{record['nmse']:.4f}",
+                            l0=f"{record['l0']:.1f}")
+    if step % cfg.ckpt_every == 0 or step == t.total:
+        t.checkpoint(dist)
+    if callback is not None:
+        callback(step, sae, record)
+    return vals[4] > 0
+
+
+def _progress(cfg: TrainConfig, main: bool, total: int, step: int, n_saes: int = 1):
     if not (cfg.progress and main):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=step, unit="step", desc=f"train {cfg.arch}", dynamic_ncols=True)
+    desc = f"train {cfg.arch}" if n_saes == 1 else f"train {n_saes} SAEs"
+    return tqdm(total=total, initial=step, unit="step", desc=desc, dynamic_ncols=True)
 
 
 def _import_wandb(cfg: TrainConfig, main: bool):
@@ -383,4 +518,5 @@ def _wandb(wandb, cfg: TrainConfig, r: dict, out: Path):
                       config={**asdict(cfg), "resolved": r})
 
 
-__all__ = ["TrainConfig", "TrainingDiverged", "TrainingInterrupted", "train", "lr_at"]
+__all__ = ["RunPlan", "TrainConfig", "Trainee", "TrainingDiverged", "TrainingInterrupted", "check_run", "lr_at",
+           "run_loop", "start_run", "train"]

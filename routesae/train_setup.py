@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -139,8 +140,6 @@ def batches(store: Store, cfg: TrainConfig, r: dict, start: int):
         yield resid
 
 
-
-
 def seed_everything(seed: int) -> None:
     """Seed torch, random and numpy (the SAE's initialisation and anything else drawn before step 0)."""
     torch.manual_seed(seed)
@@ -148,12 +147,13 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def initial_sae(cfg: TrainConfig, sae_cfg: SAEConfig, store: Store, r: dict, device: torch.device | str
-                ) -> SparseAutoencoder:
+def initial_sae(cfg: TrainConfig, sae_cfg: SAEConfig, store: Store, r: dict, device: torch.device | str,
+                sample: Callable[[int], torch.Tensor] | None = None) -> SparseAutoencoder:
     """A new SAE on ``device`` in training mode, initialised as the recipe says (routesae/recipe.py).
 
     ``enc_init="linear"`` redraws the encoder as nn.Linear does (decoder = its normalised transpose).
-    From a separate seeded sample of the store (the training stream is untouched), in this order:
+    From a separate seeded sample of the store (the training stream is untouched; ``sample(n)``, when
+    given, returns the ``n`` rows to use instead, e.g. the first rows of an online stream), in this order:
     ``center_init="median"`` sets RouteSAE's layer centres (other architectures have none),
     ``b_pre_init="median"`` sets ``b_pre`` to the geometric median of the SAE's inputs (``"zero"``
     leaves it at 0), ``enc_init="fit"`` scales the encoder (routesae/recipe.py). ``b_enc`` starts at 0 in every recipe.
@@ -166,8 +166,11 @@ def initial_sae(cfg: TrainConfig, sae_cfg: SAEConfig, store: Store, r: dict, dev
     if cfg.b_pre_init == "median" or centres or cfg.enc_init == "fit":
         per_row = len(r["layers"]) if cfg.arch == "mlsae" else 1
         n = min(max(cfg.init_samples // per_row, 1), store.n_tokens)
-        sample_cfg = replace(cfg, seed=cfg.seed + 7919, batch_tokens=n)
-        sample = next(batches(store, sample_cfg, r, 0)).to(device)
+        if sample is None:
+            rows = next(batches(store, replace(cfg, seed=cfg.seed + 7919, batch_tokens=n), r, 0))
+        else:
+            rows = sample(n)
+        sample = rows.to(device)
         if centres:
             sae.init_layer_centers(sample, max_samples=cfg.init_samples)
         if cfg.b_pre_init == "median":
