@@ -152,6 +152,9 @@ def choose_store(run: Path, store: str | None, stage: str = "evaluating") -> tup
                              f"{MANIFEST}); pass the store with --store STORE")
         return held, EVAL_STORE
     train = (_train_config(run) or {}).get("store")
+    if train == "":
+        raise StoreError(f"{run} was trained online without --sample-store, so it records no store; pass --store "
+                         f"STORE (e.g. a capture of the validation split)")
     if not isinstance(train, str):
         raise StoreError(f"{run} records no store (no train_config.json); pass --store STORE")
     if not (Path(train) / MANIFEST).is_file():

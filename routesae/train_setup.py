@@ -123,8 +123,15 @@ def sync_firing(sae: SparseAutoencoder, dist: Dist) -> None:
 def batches(store: Store, cfg: TrainConfig, r: dict, start: int):
     """The training stream; unreadable shards become one-line StoreErrors."""
     layer = r["layers"][0] if cfg.arch == "topk" else None
-    it = store.batches(cfg.batch_tokens, layer=layer, seed=cfg.seed, buffer_shards=cfg.buffer_shards,
-                       epochs=None, start_batch=start)
+    return store_stream(store, cfg.batch_tokens, cfg.seed, cfg.buffer_shards, start, layer, r["positions"])
+
+
+def store_stream(store: Store, batch_tokens: int, seed: int, buffer_shards: int, start: int, layer: int | None = None,
+                 positions: list[int] | None = None):
+    """Seeded shuffled batches of ``layer`` (None: the captured layers, or those at ``positions``), from
+    batch ``start`` on; unreadable shards and non-finite rows become one-line StoreErrors."""
+    it = store.batches(batch_tokens, layer=layer, seed=seed, buffer_shards=buffer_shards, epochs=None,
+                       start_batch=start)
     while True:
         try:
             batch = next(it)
@@ -133,7 +140,7 @@ def batches(store: Store, cfg: TrainConfig, r: dict, start: int):
         except Exception as e:  # noqa: BLE001 - safetensors/OS errors from a damaged shard
             raise StoreError(f"cannot read store {store.root} ({one_line(e)}); a shard is damaged, capture "
                              f"it again") from None
-        resid = batch.resid if r["positions"] is None else batch.resid[:, r["positions"]]
+        resid = batch.resid if positions is None else batch.resid[:, positions]
         if not torch.isfinite(resid.sum()) and not torch.isfinite(resid).all():  # cheap test first
             shard = int(batch.rows[~torch.isfinite(resid).flatten(1).all(1), 0][0])
             raise StoreError(f"store {store.root} shard {shard} holds non-finite activations; capture it again")
