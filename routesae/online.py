@@ -393,7 +393,7 @@ def _train_online(cfgs, ocfg: OnlineConfig, dist: Dist, callback, dev_name: str,
     sample_path = root / SAMPLE_DIR if ocfg.sample_store else None
     ccfg = capture_config(ocfg, cfgs[0], sample_path or root / SAMPLE_DIR, str(device))
     corpus = CorpusConfig(ocfg.corpus, ocfg.text_field, ocfg.domain_field, ocfg.split, seed=cfgs[0].seed)
-    check_options(ccfg)
+    override = check_options(ccfg)  # no --routing-override online: the parsed empty one
     first_document(corpus)
     fingerprint = corpus_fingerprint(corpus)
     source_desc = {"online": {**ocfg.content(), "corpus_fingerprint": fingerprint, "seed": cfgs[0].seed}}
@@ -418,12 +418,12 @@ def _train_online(cfgs, ocfg: OnlineConfig, dist: Dist, callback, dev_name: str,
     cursor = None
     if first.state is not None:
         cursor = tuple(first.state["corpus_cursor"]["ranks"][dist.rank])
-    runner = runner_cls(model, captured, ocfg.router_logits, None)
+    runner = runner_cls(model, captured, ocfg.router_logits, override)
     writer = None
     try:
         fresh_sample = sample_path is not None and not (sample_path / MANIFEST).exists()
         if fresh_sample and dist.world == 1 and cursor is None:
-            header, k_max, extras = _header(ccfg, model, conf, tok, runner, captured, n_layers, d_model, None)
+            header, k_max, extras = _header(ccfg, model, conf, tok, runner, captured, n_layers, d_model, override)
             header["corpus"]["fingerprint"] = fingerprint
             writer = SampleWriter(ccfg, header, tok, int(conf.vocab_size), runner.moe_layers, k_max, extras,
                                   len(captured) * d_model)
