@@ -38,6 +38,11 @@ DDP: under ``torchrun`` (``WORLD_SIZE`` > 1) every rank reads the same global ba
 ``batch_tokens`` rows and keeps rows ``rank::world_size``; gradients are averaged by
 DistributedDataParallel, the dead-latent counters are all-reduced inside the forward pass (so
 AuxK sees the global firing), only rank 0 writes. Gloo on CPU, NCCL on CUDA.
+
+The loop (:func:`run_loop`) takes a list of SAEs (:class:`Trainee`: :func:`check_run` checks a run
+before anything is written, :func:`start_run` builds or restores it) and an iterator of batches:
+one SAE on a store here, the SAEs of a sweep on one read of a store in routesae/train_many.py,
+and online from a model's forward pass in routesae/online.py.
 """
 
 from __future__ import annotations
@@ -46,7 +51,6 @@ import inspect
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -58,7 +62,7 @@ import torch.distributed as tdist
 
 from .atomic import atomic_write_json
 from .checkpoint import StopOnSignal, load_state, restoring, rewind_log, rng_state, save_checkpoint, set_rng_state
-from .heldout import check_eval_store, record_eval_store, store_record
+from .heldout import check_eval_store, record_eval_store
 from .recipe import B_PRE_INITS, CENTER_INITS, DECODER_NORMS, ENC_INITS, DecoderConstraint
 from .run_guard import check_out, check_restart, check_resume, read_train_config
 from .sae import SAEConfig, SparseAutoencoder, build_sae
@@ -66,7 +70,20 @@ from .sae.config import ARCHS
 from .sae.route_stats import margin_sum, routing_summary
 from .schedule import lr_at
 from .store import Store
-from .train_setup import Dist, batches, initial_sae, resolve, seed_everything, sync_firing, verify_store
+from .train_setup import (
+    Dist,
+    batches,
+    import_wandb,
+    initial_sae,
+    progress_bar,
+    ranked,
+    resolve,
+    seed_everything,
+    store_summary,
+    sync_firing,
+    verify_store,
+    wandb_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +236,7 @@ def rank_device(dev_name: str, dist: Dist) -> torch.device:
 
 def _train(cfg: TrainConfig, dist: Dist, callback, dev_name: str) -> Path:
     device = rank_device(dev_name, dist)
-    wandb_module = _import_wandb(cfg, dist.rank == 0)
+    wandb_module = import_wandb(cfg, dist.rank == 0)
     store = Store(cfg.store)
     plan = check_run(cfg, store, dist.world)
     verify_store(cfg, store)
@@ -229,12 +246,6 @@ def _train(cfg: TrainConfig, dist: Dist, callback, dev_name: str) -> Path:
         return t.out
     run_loop([t], ranked(batches(store, cfg, plan.r, t.step), dist), dist, device, callback, wandb_module)
     return t.out
-
-
-def ranked(stream: Iterator[torch.Tensor], dist: Dist) -> Iterator[torch.Tensor]:
-    """This process's rows of each global batch: ``rank::world_size`` (all of it without DDP)."""
-    for resid in stream:
-        yield resid[dist.rank::dist.world] if dist.world > 1 else resid
 
 
 @dataclass
@@ -326,14 +337,6 @@ class Trainee:
         self.saved = self.step
 
 
-def store_summary(store: Store, identity: str) -> dict[str, Any]:
-    """``train_config.json["store_summary"]`` of a store-trained run."""
-    summary = {k: store.manifest.get(k) for k in ("model", "layers", "tokens", "d_model", "n_layers")}
-    rec = store_record(store)
-    return {"path": str(store.root), "identity": identity, **summary,
-            **{k: rec[k] for k in ("corpus_fingerprint", "split")}}
-
-
 def start_run(plan: RunPlan, store: Any, dist: Dist, device: torch.device, extra: Callable[[], dict[str, Any]],
               summary: dict[str, Any] | None = None, sample: Callable[[int], torch.Tensor] | None = None,
               config_extra: dict[str, Any] | None = None) -> Trainee:
@@ -398,9 +401,9 @@ def run_loop(trainees: list[Trainee], stream: Iterator[torch.Tensor], dist: Dist
     total = first.total
     step = min(t.step for t in trainees)
     for t in trainees:
-        t.wandb = _wandb(wandb_module, t.cfg, t.r, t.out)
+        t.wandb = wandb_run(wandb_module, t.cfg, t.r, t.out)
         t.metrics = open(t.out / "metrics.jsonl", "a") if main else None
-    bar = _progress(first.cfg, main, total, step, len(trainees))
+    bar = progress_bar(first.cfg, main, total, step, len(trainees))
     for t in trainees:
         t.t0, t.rows = time.perf_counter(), 0
     try:
@@ -490,32 +493,6 @@ def _step(t: Trainee, batch: torch.Tensor, dist: Dist, device: torch.device, sig
     if callback is not None:
         callback(step, sae, record)
     return vals[4] > 0
-
-
-def _progress(cfg: TrainConfig, main: bool, total: int, step: int, n_saes: int = 1):
-    if not (cfg.progress and main):
-        return None
-    from tqdm.auto import tqdm
-
-    desc = f"train {cfg.arch}" if n_saes == 1 else f"train {n_saes} SAEs"
-    return tqdm(total=total, initial=step, unit="step", desc=desc, dynamic_ncols=True)
-
-
-def _import_wandb(cfg: TrainConfig, main: bool):
-    if not (cfg.wandb and main):
-        return None
-    try:
-        import wandb
-    except ImportError:
-        raise ValueError("--wandb needs the wandb package; pip install wandb (or drop --wandb)") from None
-    return wandb
-
-
-def _wandb(wandb, cfg: TrainConfig, r: dict, out: Path):
-    if wandb is None:
-        return None
-    return wandb.init(project=os.environ.get("WANDB_PROJECT", "routesae"), name=out.name, dir=str(out),
-                      config={**asdict(cfg), "resolved": r})
 
 
 __all__ = ["RunPlan", "TrainConfig", "Trainee", "TrainingDiverged", "TrainingInterrupted", "check_run", "lr_at",

@@ -1,4 +1,5 @@
-"""What training needs before its first step: resolved defaults, the store check, the data stream, DDP.
+"""What training needs before its first step: resolved defaults, the store check, the data stream, DDP,
+the progress bar and Weights & Biases.
 
 Split from routesae/train.py (the loop). ``resolve`` fills the defaults the module docstring of
 routesae/train.py lists; ``batches`` is the training stream (unreadable or non-finite rows become
@@ -10,14 +11,16 @@ from __future__ import annotations
 import math
 import os
 import random
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as tdist
 
+from .heldout import store_record
 from .recipe import fit_encoder_scale, init_encoder_linear
 from .sae import SAEConfig, SparseAutoencoder, build_sae
 from .store import Store, StoreError
@@ -147,6 +150,20 @@ def store_stream(store: Store, batch_tokens: int, seed: int, buffer_shards: int,
         yield resid
 
 
+def ranked(stream: Iterator[torch.Tensor], dist: Dist) -> Iterator[torch.Tensor]:
+    """This process's rows of each global batch: ``rank::world_size`` (all of it without DDP)."""
+    for resid in stream:
+        yield resid[dist.rank::dist.world] if dist.world > 1 else resid
+
+
+def store_summary(store: Store, identity: str) -> dict[str, Any]:
+    """``train_config.json["store_summary"]`` of a store-trained run."""
+    summary = {k: store.manifest.get(k) for k in ("model", "layers", "tokens", "d_model", "n_layers")}
+    rec = store_record(store)
+    return {"path": str(store.root), "identity": identity, **summary,
+            **{k: rec[k] for k in ("corpus_fingerprint", "split")}}
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch, random and numpy (the SAE's initialisation and anything else drawn before step 0)."""
     torch.manual_seed(seed)
@@ -185,3 +202,29 @@ def initial_sae(cfg: TrainConfig, sae_cfg: SAEConfig, store: Store, r: dict, dev
         if cfg.enc_init == "fit":
             fit_encoder_scale(sae, sample[:cfg.init_samples])
     return sae
+
+
+def progress_bar(cfg: TrainConfig, main: bool, total: int, step: int, n_saes: int = 1):
+    if not (cfg.progress and main):
+        return None
+    from tqdm.auto import tqdm
+
+    desc = f"train {cfg.arch}" if n_saes == 1 else f"train {n_saes} SAEs"
+    return tqdm(total=total, initial=step, unit="step", desc=desc, dynamic_ncols=True)
+
+
+def import_wandb(cfg: TrainConfig, main: bool):
+    if not (cfg.wandb and main):
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError("--wandb needs the wandb package; pip install wandb (or drop --wandb)") from None
+    return wandb
+
+
+def wandb_run(wandb, cfg: TrainConfig, r: dict, out: Path):
+    if wandb is None:
+        return None
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "routesae"), name=out.name, dir=str(out),
+                      config={**asdict(cfg), "resolved": r})
