@@ -281,17 +281,18 @@ def check_run(cfg: TrainConfig, store: Any, world: int, meta: dict[str, Any] | N
                         meta=meta).validate()
     identity = store.identity()
     held = check_eval_store(cfg.eval_store, store, r["layers"]) if cfg.eval_store else None
-    state, saved_sae = None, None
-    if ckpt is not None:
-        state = load_state(ckpt)
+    state = load_state(ckpt) if ckpt is not None else None
+    saved = state if state is not None else read_train_config(out)
+    if saved is not None and check_source is not None:
+        check_source(saved, str(ckpt / "state.pt" if ckpt else out / "train_config.json"))
+    elif saved is not None and saved.get("online"):
+        raise ValueError(f"{out} was trained online; resume it with routesae train --model MODEL --corpus CORPUS "
+                         f"(and its other options) --resume")
+    saved_sae = None
+    if state is not None:
         saved_sae = check_resume(cfg, state, ckpt, store, sae_cfg)
-        if check_source is not None:
-            check_source(state, str(ckpt / "state.pt"))
     else:
         check_restart(cfg, out, store)
-        old = read_train_config(out) if check_source is not None else None
-        if old is not None:
-            check_source(old, str(out / "train_config.json"))
     return RunPlan(cfg, r, sae_cfg, identity, held, ckpt, state, saved_sae)
 
 

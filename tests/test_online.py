@@ -175,3 +175,27 @@ def test_cli_online_sweep_then_resume(data, tmp_path):
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, [*args("4,16"), "--resume"])
     assert res.exit_code == 2 and "holds the sweep" in res.output, res.output
+
+
+def test_transformerlens_backend_equals_its_capture(data, tmp_path):
+    """--backend tl: online training equals store training on a TransformerLens capture of the same tokens."""
+    pytest.importorskip("transformer_lens")
+    from routesae.capture import CaptureConfig, capture
+
+    ckpt, corpus, _ = data
+    store = capture(CaptureConfig(model=str(ckpt), corpus=str(corpus), out=str(tmp_path / "store"), backend="tl",
+                                  ctx=32, batch_size=8, layers="all", max_tokens=1200, device="cpu", progress=False))
+    base = _cfg(tmp_path / "store-runs", store=str(store), tokens=256 * 4)
+    from_store = expand_sweep(base, ["routesae", "topk"], [8], [None], ["faithful"])
+    train_many(from_store, order="sequential")
+    online = [replace(c, store="", out=str(tmp_path / "online" / Path(c.out).name)) for c in from_store]
+    train_online(online, _ocfg(data, backend="tl"))
+    for a, b in zip(from_store, online):
+        assert _same(Path(a.out), Path(b.out)), a.arch
+    # an online run is not resumed from a store (nor a store run online)
+    from routesae.train import train
+
+    with pytest.raises(ValueError, match="was trained online; resume it with routesae train --model"):
+        train(replace(online[1], store=str(store), resume=True))
+    with pytest.raises(ValueError, match="was trained on a store; resume it with routesae train STORE"):
+        train_online([replace(from_store[1], store="", resume=True)], _ocfg(data, backend="tl"))
