@@ -15,7 +15,8 @@ are cast to float32 as they leave it. With mixing off, batches are the rows in f
 
 Documents are read (and shuffled with ``--seed``) as capture reads them; the contexts are cut
 into forward batches of ``--batch-size`` contexts, numbered from 0 in each pass over the corpus.
-A run needs ``--tokens`` (the stream has no length); when the corpus runs out it is read again.
+A run needs ``--tokens`` (the stream has no length); when the corpus runs out it is read again
+from the start (the same document order).
 Under ``torchrun`` each process runs the model on its own forward batches (``j % world == rank``)
 and takes ``batch_tokens / world`` rows per step from its own buffer; DDP averages the SAE
 gradients and the dead-latent counters are summed, as for store training. Each process holds a
@@ -27,7 +28,8 @@ Under DDP every process takes rank 0's initial SAE.
 
 Checkpoints record the corpus cursor of every process (``corpus_cursor``: the pass and the next
 forward batch) and the online options. ``--resume`` restores the SAE, optimiser, step, schedule,
-dead-latent counters and RNG exactly and reads the corpus on from the cursor; what is *not*
+dead-latent counters and RNG exactly and reads the corpus on from the cursor (re-reading and
+re-tokenising the documents before it, as capture's resume does, without the model); what is *not*
 restored is the buffer: the rows it held at the checkpoint (forwarded but not yet trained on, at
 most ``mix_tokens`` + one forward batch per process) are dropped, and the mixing order after the
 resume is drawn afresh from the cursor. A resumed run is therefore bit-equal to the uninterrupted
@@ -64,12 +66,13 @@ from .capture_checks import CaptureError, check_options, preflight
 from .corpus import ContextBuilder, CorpusConfig, CorpusStats, corpus_fingerprint, first_document, iter_documents
 from .layers import parse_layers
 from .models.load import config_hash, first_device, recorded_spec, resolve_dtype
+from .run_guard import check_out
 from .sae import SparseAutoencoder
 from .store import MANIFEST, Store, StoreWriter
 from .store_lock import store_lock
 from .train import TrainConfig, check_run, device_name, rank_device, run_loop, start_run
 from .train_many import check_shared, check_sweep_out, run_many, selector, write_index
-from .train_setup import Dist
+from .train_setup import Dist, import_wandb
 
 log = logging.getLogger(__name__)
 SAMPLE_DIR = "sample_store"
@@ -298,6 +301,10 @@ class OnlineSource:
                 self.have -= b
                 yield rows[i * b:(i + 1) * b].to(torch.float32, copy=True)
 
+    def close(self) -> None:
+        """Stop reading the corpus (ends the tokenising thread)."""
+        self._forwards.close()
+
     def cursor_state(self) -> dict[str, Any]:
         """``corpus_cursor`` of a checkpoint: every process's (pass, next forward batch); a collective under DDP."""
         mine = torch.zeros(self.dist.world, 3, dtype=torch.int64)
@@ -399,6 +406,9 @@ def _train_online(cfgs, ocfg: OnlineConfig, dist: Dist, callback, dev_name: str,
     source_desc = {"online": {**ocfg.content(), "corpus_fingerprint": fingerprint, "seed": cfgs[0].seed}}
     if multi:
         check_sweep_out(root, cfgs, source_desc)
+    else:
+        check_out(root, cfgs[0].resume)  # again in check_run; here before the model loads
+    wandb_module = import_wandb(cfgs[0], main)
     model, tok, runner_cls, n_layers, d_model, conf = _open(ccfg)
     if tok is None:
         raise CaptureError(f"no tokenizer found with model '{ocfg.model}'; put tokenizer files in the checkpoint "
@@ -419,7 +429,7 @@ def _train_online(cfgs, ocfg: OnlineConfig, dist: Dist, callback, dev_name: str,
     if first.state is not None:
         cursor = tuple(first.state["corpus_cursor"]["ranks"][dist.rank])
     runner = runner_cls(model, captured, ocfg.router_logits, override)
-    writer = None
+    writer = source = None
     try:
         fresh_sample = sample_path is not None and not (sample_path / MANIFEST).exists()
         if fresh_sample and dist.world == 1 and cursor is None:
@@ -463,10 +473,12 @@ def _train_online(cfgs, ocfg: OnlineConfig, dist: Dist, callback, dev_name: str,
         else:
             t = trainees[0]
             if t.step < t.total:
-                run_loop([t], source.batches(), dist, device, callback)
+                run_loop([t], source.batches(), dist, device, callback, wandb_module)
             finish_sample()
         return [t.out for t in trainees]
     finally:
+        if source is not None:
+            source.close()
         if writer is not None:
             writer.close()
         runner.close()
