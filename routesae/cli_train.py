@@ -23,8 +23,10 @@ def train(
                                                  "(default: all captured layers)."),
     routing: str = typer.Option("hard", help="routesae: hard (x = p_i* x_i*, the paper) or soft (sum_i p_i x_i)."),
     pooling: str = typer.Option("sum", help="routesae: sum or mean pooling of the layer stack for the router."),
-    router: str = typer.Option("faithful", help="routesae: faithful (the paper) or ste (straight-through, learns "
-                                                "from step 0; see docs/routesae.md)."),
+    router: str | None = typer.Option(None, help="routesae: ste (straight-through: hard forward, soft backward; "
+                                                 "learns which layer fits from step 0) or faithful (the paper's "
+                                                 "router); default: from --recipe (default ste, reference "
+                                                 "faithful). See docs/routesae.md."),
     tokens: int | None = typer.Option(None, help="Training tokens (default: one pass over the store)."),
     batch_tokens: int = typer.Option(4096, help="Tokens per step."),
     lr: float | None = typer.Option(None, help="Adam learning rate (default recipe: 2e-4 / sqrt(latents / 2^14); "
@@ -80,12 +82,12 @@ def train(
             if lr_schedule not in schedules:
                 raise ValueError(f"unknown --lr-schedule {lr_schedule!r}; choose warmup-decay or constant")
             opts["warmup_frac"], opts["decay_frac"] = schedules[lr_schedule]
-        given = {"lr": lr, "b_pre_init": b_pre_init, "enc_init": enc_init, "center_init": center_init,
+        given = {"lr": lr, "router": router, "b_pre_init": b_pre_init, "enc_init": enc_init, "center_init": center_init,
                  "decoder_norm": decoder_norm,
                  "renorm_every": renorm_every, "aux_k": aux_k}
         opts.update({name: v for name, v in given.items() if v is not None})
         cfg = TrainConfig(store=str(store), out=str(out), arch=arch, k=k, expansion=expansion, latents=latents,
-                          layer=layer, layers=layer_list, routing=routing, pooling=pooling, router=router,
+                          layer=layer, layers=layer_list, routing=routing, pooling=pooling,
                           tokens=tokens, batch_tokens=batch_tokens, seed=seed, resume=resume,
                           ckpt_every=ckpt_every, device=device, wandb=wandb, progress=not quiet,
                           eval_store=str(eval_store) if eval_store else None, route_balance=route_balance, **opts)

@@ -93,7 +93,7 @@ class TrainConfig:
     layers: list[int] | None = None
     routing: str = "hard"
     pooling: str = "sum"
-    router: str = "faithful"
+    router: str = "ste"  # the paper's is "faithful" (the reference recipe's); see docs/RESULTS.md, routing study
     tokens: int | None = None
     batch_tokens: int = 4096
     lr: float | None = None
@@ -216,7 +216,8 @@ def _train(cfg: TrainConfig, dist: Dist, callback, dev_name: str) -> Path:
     r = resolve(cfg, store, dist.world)
     ckpt = check_out(out, cfg.resume)
     sae_cfg = SAEConfig(arch=cfg.arch, d_in=store.d_model, n_latents=r["latents"], k=cfg.k, layers=r["layers"],
-                        routing=cfg.routing, pooling=cfg.pooling, router=cfg.router, aux_k=cfg.aux_k,
+                        routing=cfg.routing, pooling=cfg.pooling, aux_k=cfg.aux_k,
+                        router="faithful" if cfg.routing == "soft" else cfg.router,  # ste = soft's gradient already
                         aux_coef=cfg.aux_coef, dead_tokens=r["dead_tokens"], route_balance=cfg.route_balance,
                         meta={"model": store.manifest.get("model", {}).get("name_or_path"),
                               "store": str(store.root)}).validate()
