@@ -29,9 +29,11 @@ def train(
                                                  "routesae/mlsae."),
     routing: str = typer.Option("hard", help="routesae: hard (x = p_i* x_i*, the paper) or soft (sum_i p_i x_i)."),
     pooling: str = typer.Option("sum", help="routesae: sum or mean pooling of the layer stack for the router."),
-    router: str | None = typer.Option(None, help="routesae: faithful (the paper) or ste (straight-through, learns "
-                                                 "from step 0; see docs/routesae.md); faithful,ste trains both "
-                                                 "(default: the recipe's, faithful)."),
+    router: str | None = typer.Option(None, help="routesae: ste (straight-through: hard forward, soft backward; "
+                                                 "learns which layer fits from step 0) or faithful (the paper's "
+                                                 "router); default: from --recipe (default ste, reference "
+                                                 "faithful); a list such as faithful,ste trains both. See "
+                                                 "docs/routesae.md."),
     tokens: int | None = typer.Option(None, help="Training tokens (default: one pass over the store)."),
     batch_tokens: int = typer.Option(4096, help="Tokens per step."),
     lr: float | None = typer.Option(None, help="Adam learning rate (default recipe: 2e-4 / sqrt(latents / 2^14); "
@@ -40,20 +42,23 @@ def train(
                                               "(zero b_pre, nn.Linear encoder init, constant lr 5e-4, no AuxK, "
                                               "decoder renormalised every 10 steps). Options given explicitly win; "
                                               "see docs/routesae.md."),
-    b_pre_init: str | None = typer.Option(None, help="median (geometric median of a sample) or zero "
-                                                     "[recipe]."),
+    b_pre_init: str | None = typer.Option(None, help="median (geometric median of a sample) or zero; "
+                                                     "default: from --recipe."),
     enc_init: str | None = typer.Option(None, help="transpose (W_enc = W_dec^T), linear (nn.Linear's "
                                                    "default) or fit (transpose, scaled for the least-squares "
-                                                   "best first reconstruction) [recipe]."),
+                                                   "best first reconstruction); default: from --recipe."),
     center_init: str | None = typer.Option(None, help="routesae: zero (the paper) or median (each layer's "
-                                                      "centre = the geometric median of its rows) [recipe]."),
+                                                      "centre = the geometric median of its rows); default: "
+                                                      "from --recipe."),
     decoder_norm: str | None = typer.Option(None, help="project (gradient projection + renormalise every "
-                                                       "step) or renorm (every --renorm-every steps) [recipe]."),
+                                                       "step) or renorm (every --renorm-every steps); default: "
+                                                       "from --recipe."),
     renorm_every: int | None = typer.Option(None, help="Steps between decoder renormalisations with "
-                                                       "--decoder-norm renorm [recipe: 10]."),
+                                                       "--decoder-norm renorm; default: 10."),
     lr_schedule: str | None = typer.Option(None, help="warmup-decay (5% warm-up, linear decay over the last "
-                                                      "20%) or constant [recipe]."),
-    aux_k: int | None = typer.Option(None, help="Dead latents in the AuxK loss, 0 = none [recipe: 256 / 0]."),
+                                                      "20%) or constant; default: from --recipe."),
+    aux_k: int | None = typer.Option(None, help="Dead latents in the AuxK loss, 0 = none; default: 256 "
+                                                "(reference recipe: 0)."),
     route_balance: float = typer.Option(0.0, help="routesae: weight of the layer-balance loss L' sum_i f_i P_i "
                                                   "(0 = the paper's router; see docs/routesae.md)."),
     seed: int = typer.Option(0, help="Seed of initialisation and data order."),

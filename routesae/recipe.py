@@ -4,6 +4,7 @@ Each recipe is a set of :class:`~routesae.train.TrainConfig` options, so the two
 one change at a time (``analyses/recipe_ablation.py``)::
 
     option         default                                   reference (the public RouteSAE code)
+    router         "ste": learns from step 0 (RouteSAE only)  "faithful": the paper's
     b_pre_init     "median": geometric median of a sample     "zero"
     enc_init       "fit": W_enc = c W_dec^T, unit-norm rows,  "linear": nn.Linear's U(+-1/sqrt(d)); W_dec = its
                    c fitted (below); "transpose": c = 1        transpose with unit rows
@@ -43,10 +44,12 @@ from typing import Any
 import torch
 
 RECIPES: dict[str, dict[str, Any]] = {
-    "default": {"b_pre_init": "median", "enc_init": "fit", "center_init": "median", "decoder_norm": "project",
-                "renorm_every": 10, "warmup_frac": 0.05, "decay_frac": 0.2, "aux_k": 256, "lr": None},
-    "reference": {"b_pre_init": "zero", "enc_init": "linear", "center_init": "zero", "decoder_norm": "renorm",
-                  "renorm_every": 10, "warmup_frac": 0.0, "decay_frac": 0.0, "aux_k": 0, "lr": 5e-4},
+    "default": {"router": "ste", "b_pre_init": "median", "enc_init": "fit", "center_init": "median",
+                "decoder_norm": "project", "renorm_every": 10, "warmup_frac": 0.05, "decay_frac": 0.2, "aux_k": 256,
+                "lr": None},
+    "reference": {"router": "faithful", "b_pre_init": "zero", "enc_init": "linear", "center_init": "zero",
+                  "decoder_norm": "renorm", "renorm_every": 10, "warmup_frac": 0.0, "decay_frac": 0.0, "aux_k": 0,
+                  "lr": 5e-4},
 }
 B_PRE_INITS = ("median", "zero")
 ENC_INITS = ("transpose", "linear", "fit")

@@ -110,7 +110,7 @@ class TrainConfig:
     layers: list[int] | None = None
     routing: str = "hard"
     pooling: str = "sum"
-    router: str = "faithful"
+    router: str = "ste"  # the paper's is "faithful" (the reference recipe's); see docs/RESULTS.md, routing study
     tokens: int | None = None
     batch_tokens: int = 4096
     lr: float | None = None
@@ -276,7 +276,8 @@ def check_run(cfg: TrainConfig, store: Any, world: int, meta: dict[str, Any] | N
     meta = meta if meta is not None else {"model": store.manifest.get("model", {}).get("name_or_path"),
                                           "store": str(store.root)}
     sae_cfg = SAEConfig(arch=cfg.arch, d_in=store.d_model, n_latents=r["latents"], k=cfg.k, layers=r["layers"],
-                        routing=cfg.routing, pooling=cfg.pooling, router=cfg.router, aux_k=cfg.aux_k,
+                        routing=cfg.routing, pooling=cfg.pooling, aux_k=cfg.aux_k,
+                        router="faithful" if cfg.routing == "soft" else cfg.router,  # ste = soft's gradient already
                         aux_coef=cfg.aux_coef, dead_tokens=r["dead_tokens"], route_balance=cfg.route_balance,
                         meta=meta).validate()
     identity = store.identity()

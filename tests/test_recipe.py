@@ -134,7 +134,8 @@ def collapsing_store(folder: Path, d: int = 16, shards: int = 4, n: int = 512) -
 def test_balance_spreads_routing_and_is_logged(tmp_path):
     """The faithful router collapses onto one layer of a synthetic store; the balance loss keeps all four."""
     syn = collapsing_store(tmp_path / "store")
-    kw = dict(k=4, lr=3e-3, tokens=256 * 96, log_every=8, center_init="zero", enc_init="transpose")
+    kw = dict(k=4, lr=3e-3, tokens=256 * 96, log_every=8, center_init="zero", enc_init="transpose",
+              router="faithful")
     plain = _metrics(train(_cfg(syn, tmp_path / "plain", **kw)))
     bal = _metrics(train(_cfg(syn, tmp_path / "bal", route_balance=1.0, **kw)))
     assert plain[-1]["routed_entropy"] < 0.2 and max(plain[-1]["routed_frac"]) > 0.95  # collapsed

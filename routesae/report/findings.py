@@ -346,6 +346,7 @@ def analysis_data_line(a: Analysis) -> str | None:
         return None
     r = s.get("token_range") or {}
     kind = {False: "held-out", True: "in-sample (training)"}.get(s["in_sample"], "")
-    return (f"The expert and feature analysis used {count(s.get('tokens'))} {kind} tokens of "
+    what = "expert and feature analysis" if a.has_experts else "feature analysis"
+    return (f"The {what} used {count(s.get('tokens'))} {kind} tokens of "
             f"{s.get('store')}" + (f" (rows {r.get('start')}..{r.get('stop')})" if r else "") + ".")
 
