@@ -96,3 +96,20 @@ def test_sweep_out_must_be_new_or_a_sweep(store, tmp_path):
     with pytest.raises(ValueError, match="holds no sweep"):
         train_many(_sweep(store, tmp_path / "other"))
     assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.txt"]
+
+
+def test_cli_store_sweep(store, tmp_path):
+    from typer.testing import CliRunner
+
+    from routesae.cli import app
+
+    out = tmp_path / "cli"
+    res = CliRunner().invoke(app, ["train", str(store), "--out", str(out), "--arch", "routesae,topk", "--k", "4",
+                                   "--latents", "32,64", "--layers", "1:3", "--layer", "2", "--batch-tokens", "256",
+                                   "--tokens", "1024", "--device", "cpu", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "4 runs in" in res.output and "runs.json" in res.output
+    runs = json.loads((out / "runs.json").read_text())["runs"]
+    assert [(r["name"], r["layers"], r["latents"]) for r in runs] == [
+        ("routesae-m32", [1, 2, 3], 32), ("routesae-m64", [1, 2, 3], 64), ("topk-m32", [2], 32), ("topk-m64", [2], 64)]
+    assert load_sae(out / "routesae-m64").cfg.router == "ste"  # the recipe's router
