@@ -55,6 +55,9 @@ def capture(
     ctx: int = typer.Option(256, help="Context length in tokens."),
     batch_size: int = typer.Option(8, help="Contexts per forward pass."),
     dtype: str = typer.Option("float32", help="float32, float16 or bfloat16 (model and stored residuals)."),
+    store_dtype: str | None = typer.Option(None, help="Store the residuals in float32, float16 or bfloat16 while the "
+                                                      "model runs in --dtype (default: --dtype); bfloat16 halves a "
+                                                      "float32 store, and training converts one batch at a time."),
     router_logits: bool = typer.Option(True, "--router-logits/--no-router-logits", help="Store full router logits."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     device_map: str | None = typer.Option(None, help="Passed to Hugging Face, e.g. auto for multi-GPU models."),
@@ -68,7 +71,11 @@ def capture(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     routing_override: str | None = typer.Option(None, help=ROUTING_OVERRIDE_HELP),
 ) -> None:
-    """Capture residual streams and router decisions into a sharded, resumable store."""
+    """Capture residual streams and router decisions into a sharded, resumable store. Under `torchrun
+    --nproc_per_node N -m routesae.cli capture ...` N processes (one GPU each) capture blocks of contexts into
+    one store."""
+    import os
+
     from routesae.capture import CaptureConfig
     from routesae.capture import capture as run_capture
     from routesae.store import Store
@@ -83,8 +90,10 @@ def capture(
                             router_logits=router_logits, device=device, device_map=device_map, text_field=text_field,
                             domain_field=domain_field, split=split, packing=packing, shard_mb=shard_mb, seed=seed,
                             trust_remote_code=trust_remote_code, progress=not quiet, routing_override=routing_override,
-                            gguf_file=gguf_file)
+                            gguf_file=gguf_file, store_dtype=store_dtype)
         path = run_capture(cfg)
+        if int(os.environ.get("RANK") or 0) != 0:  # under torchrun: rank 0 prints the summary
+            return
         s = Store(path)
     except USER_ERRORS as exc:
         _fail(exc)

@@ -29,6 +29,16 @@ TEXT_BYTES_PER_TOKEN = 4.0  # a rough average of BPE tokenizers on English text 
 GZIP_RATIO = 4.0  # text grows about this much when un-gzipped
 
 
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes of one stored activation value in ``dtype`` (float32, float16 or bfloat16)."""
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype} unknown; use one of {', '.join(DTYPE_BYTES)}")
+    return DTYPE_BYTES[dtype]
+
+
 def bytes_per_token(header: dict, dtype_bytes: int) -> int:
     """Bytes one token takes in a store with this manifest ``header`` (residuals and router records)."""
     resid = len(header["layers"]) * int(header["d_model"]) * dtype_bytes
