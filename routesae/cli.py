@@ -388,6 +388,18 @@ def store_info(store: Path = typer.Argument(..., help="Store folder.")) -> None:
     typer.echo(f"tokens     {s.n_tokens:,} in {len(s.shards)} shard(s); complete: {m.get('complete')}")
     typer.echo(f"layers     {s.layers} of {m.get('n_layers')} (d_model {s.d_model})")
     typer.echo(f"moe layers {s.moe_layers} ({m.get('n_experts')} experts, top-{m.get('top_k')})")
+    from routesae.store_size import gb, store_sizes
+
+    size = store_sizes(s)
+    typer.echo(f"dtype      {s.dtype} activations (model ran in {m.get('dtype', 'float32')})")
+    disk = "" if size["on_disk"] is None else f"; on disk {size['on_disk']:,.0f} with the token table"
+    typer.echo(f"per token  {size['per_token']:,} bytes (activations {size['activations']:,} + router records "
+               f"{size['router']:,}){disk}")
+    per, rate = (size["on_disk"], "on-disk") if size["on_disk"] else (size["per_token"], "arithmetic")
+    typer.echo(f"projected  10M tokens {gb(per * 1e7)}, 100M tokens {gb(per * 1e8)} (at the {rate} bytes per token)")
+    if m.get("world_size"):
+        typer.echo(f"processes  {m['world_size']} (torchrun; {m.get('contexts_per_shard')} contexts per shard, "
+                   f"shard g written by rank g % {m['world_size']})")
 
 
 @store_app.command("verify")

@@ -51,6 +51,26 @@ def bytes_per_token(header: dict, dtype_bytes: int) -> int:
     return resid + moe * per_layer
 
 
+def store_sizes(store) -> dict:
+    """Bytes per token of a :class:`~routesae.store.Store`: ``activations`` and ``router`` (the arithmetic of
+    :func:`bytes_per_token` over its manifest and stored dtype), their sum ``per_token``, and ``on_disk``
+    (every listed shard file and token-table part, measured; None for an empty store)."""
+    m = store.manifest
+    header = {**m, "layers": store.layers}
+    per_token = bytes_per_token(header, dtype_bytes(store.dtype))
+    activations = len(store.layers) * store.d_model * dtype_bytes(store.dtype)
+    files = [store.root / name for s in store.shards for name in s.get("sha256", {})]
+    files += [store.root / "tokens.parquet" / f"part-{int(s['index']):05d}.parquet" for s in store.shards]
+    disk = sum(f.stat().st_size for f in files if f.is_file())
+    return {"activations": activations, "router": per_token - activations, "per_token": per_token,
+            "on_disk": disk / store.n_tokens if store.n_tokens else None}
+
+
+def gb(n: float) -> str:
+    """``n`` bytes in GB (10^9) or TB, the way this project prints store sizes."""
+    return f"{n / 1e12:,.1f} TB" if n >= 1e12 else _gb(n)
+
+
 def corpus_tokens_estimate(corpus: CorpusConfig) -> int | None:
     """Tokens the corpus split holds: exact from a build-corpus ``manifest.json``, else estimated from
     file sizes; None for a hub dataset (unknown without downloading it)."""

@@ -129,3 +129,21 @@ def test_killed_rank_resumes_from_its_own_shards(tiny_ckpt, corpus_jsonl, tmp_pa
     assert two.n_tokens == one.n_tokens == 333 and two.manifest["complete"]
     _assert_same_rows(one, two)
     two.verify()
+
+
+def test_bad_torchrun_settings_are_one_line_errors(tiny_ckpt, corpus_jsonl, tmp_path, monkeypatch):
+    from routesae.capture_checks import CaptureError
+
+    out = tmp_path / "s"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(CaptureError, match="--device-map auto places one model over all GPUs.*drop it"):
+        capture(_cfg(tiny_ckpt("olmoe"), corpus_jsonl, out, device_map="auto"))
+    monkeypatch.setenv("RANK", "two")
+    with pytest.raises(CaptureError, match="RANK / LOCAL_RANK are missing or not numbers; start the processes with "
+                                           "torchrun"):
+        capture(_cfg(tiny_ckpt("olmoe"), corpus_jsonl, out))
+    monkeypatch.setenv("RANK", "5")
+    with pytest.raises(CaptureError, match="RANK 5 is outside WORLD_SIZE 2"):
+        capture(_cfg(tiny_ckpt("olmoe"), corpus_jsonl, out))
+    assert not out.exists()
