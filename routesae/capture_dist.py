@@ -200,6 +200,9 @@ def capture_ranks(cfg: CaptureConfig, world: World, on_shard: Callable[[dict], N
         def start() -> bool:  # rank 0: lock --out (until the end), keep a resumable store or start a new one
             stack.enter_context(store_lock(cfg.out))
             writer = StoreWriter(cfg.out, header, cfg.content_args())
+            if writer.manifest.get("contexts_per_shard") != per_shard:  # same arguments, another model
+                raise CaptureError(f"store {cfg.out} has {writer.manifest.get('contexts_per_shard')} contexts per "
+                                   f"shard, this model and these arguments make {per_shard}; capture into a new --out")
             if not writer.complete and cfg.max_tokens is None:
                 per_token = bytes_per_token(header, dtype_bytes(cfg.stored_dtype))
                 if warning := size_warning(pre.corpus, per_token, cfg.out):
@@ -207,7 +210,8 @@ def capture_ranks(cfg: CaptureConfig, world: World, on_shard: Callable[[dict], N
             return writer.complete
 
         if _on_rank0(start, world, group):
-            log.info("store %s is complete; nothing to do", cfg.out)
+            if world.rank == 0:
+                log.info("store %s is complete; nothing to do", cfg.out)
             return Path(cfg.out)
         writer = RankWriter(cfg.out, world.rank, world.size)
         if not writer.complete:

@@ -400,6 +400,14 @@ def store_info(store: Path = typer.Argument(..., help="Store folder.")) -> None:
     if m.get("world_size"):
         typer.echo(f"processes  {m['world_size']} (torchrun; {m.get('contexts_per_shard')} contexts per shard, "
                    f"shard g written by rank g % {m['world_size']})")
+        if not m.get("complete"):
+            from routesae.store_ranks import rank_tokens
+
+            try:
+                done = f"{rank_tokens(store, int(m['world_size'])):,} tokens"
+            except USER_ERRORS as exc:
+                done = f"unknown ({exc})"
+            typer.echo(f"running    the ranks have written {done} so far; the manifest lists them when all finish")
 
 
 @store_app.command("verify")

@@ -114,6 +114,16 @@ def test_killed_rank_resumes_from_its_own_shards(tiny_ckpt, corpus_jsonl, tmp_pa
     assert not manifest["complete"] and manifest["shards"] == []
     rank1 = json.loads((tmp_path / "two" / "ranks" / "rank-00001.json").read_text())
     assert [s["index"] for s in rank1["shards"]] == [1] and not rank1["complete"]
+    from typer.testing import CliRunner
+
+    from routesae.cli import app
+
+    info = CliRunner().invoke(app, ["store", "info", str(tmp_path / "two")])
+    assert info.exit_code == 0 and "tokens     0 in 0 shard(s); complete: False" in info.output, info.output
+    # rank 0 may have been stopped before its first shard: count the progress files there are
+    done = sum(s["tokens"] for f in (tmp_path / "two" / "ranks").glob("rank-*.json")
+               for s in json.loads(f.read_text())["shards"])
+    assert f"the ranks have written {done:,} tokens so far" in info.output
 
     # a single process may not continue a two-process store; nothing is touched
     before = {p: p.read_bytes() for p in (tmp_path / "two").rglob("*") if p.is_file()}
