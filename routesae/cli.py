@@ -32,9 +32,12 @@ app.add_typer(store_app, name="store")
 
 from .cli_errors import USER_ERRORS  # noqa: E402
 from .cli_errors import fail as _fail  # noqa: E402
+from .cli_store import store_info, store_verify  # noqa: E402
 from .cli_train import train  # noqa: E402
 
 app.command()(train)
+store_app.command("info")(store_info)
+store_app.command("verify")(store_verify)
 ROUTING_OVERRIDE_HELP = ("Change routing during the forward: topk:K, topp:P, threshold:T, "
                          "ablate:E1,E2, each optionally @layerN / @layersA:B, joined by ';'.")
 
@@ -371,55 +374,6 @@ def dashboard(
         _fail(exc)
     if rc:
         raise typer.Exit(code=rc)
-
-
-@store_app.command("info")
-def store_info(store: Path = typer.Argument(..., help="Store folder.")) -> None:
-    """Print what a store holds."""
-    from routesae.store import Store
-
-    try:
-        s = Store(store)
-    except USER_ERRORS as exc:
-        _fail(exc)
-    m = s.manifest
-    model = m.get("model") or {}
-    typer.echo(f"model      {model.get('name_or_path')} ({model.get('architecture')})")
-    typer.echo(f"tokens     {s.n_tokens:,} in {len(s.shards)} shard(s); complete: {m.get('complete')}")
-    typer.echo(f"layers     {s.layers} of {m.get('n_layers')} (d_model {s.d_model})")
-    typer.echo(f"moe layers {s.moe_layers} ({m.get('n_experts')} experts, top-{m.get('top_k')})")
-    from routesae.store_size import gb, store_sizes
-
-    size = store_sizes(s)
-    typer.echo(f"dtype      {s.dtype} activations (model ran in {m.get('dtype', 'float32')})")
-    disk = "" if size["on_disk"] is None else f"; on disk {size['on_disk']:,.0f} with the token table"
-    typer.echo(f"per token  {size['per_token']:,} bytes (activations {size['activations']:,} + router records "
-               f"{size['router']:,}){disk}")
-    per, rate = (size["on_disk"], "on-disk") if size["on_disk"] else (size["per_token"], "arithmetic")
-    typer.echo(f"projected  10M tokens {gb(per * 1e7)}, 100M tokens {gb(per * 1e8)} (at the {rate} bytes per token)")
-    if m.get("world_size"):
-        typer.echo(f"processes  {m['world_size']} (torchrun; {m.get('contexts_per_shard')} contexts per shard, "
-                   f"shard g written by rank g % {m['world_size']})")
-        if not m.get("complete"):
-            from routesae.store_ranks import rank_tokens
-
-            try:
-                done = f"{rank_tokens(store, int(m['world_size'])):,} tokens"
-            except USER_ERRORS as exc:
-                done = f"unknown ({exc})"
-            typer.echo(f"running    the ranks have written {done} so far; the manifest lists them when all finish")
-
-
-@store_app.command("verify")
-def store_verify(store: Path = typer.Argument(..., help="Store folder.")) -> None:
-    """Re-hash every shard against the manifest."""
-    from routesae.store import Store
-
-    try:
-        Store(store).verify()
-    except USER_ERRORS as exc:
-        _fail(exc)
-    typer.echo(f"{store}: all shards match their sha256")
 
 
 @zoo_app.command("train-lm")
