@@ -10,6 +10,10 @@ layers are checked (routesae/capture_checks.py): a failed start leaves no folder
 tokens yet may be replaced by a corrected re-run. A resume recomputes the corpus fingerprint and
 refuses a changed corpus; ``OUT/.capture.lock`` (routesae/store_lock.py) keeps a second capture out.
 
+Under ``torchrun`` (``WORLD_SIZE`` > 1) every process captures its own blocks of contexts into the
+same store (routesae/capture_dist.py). ``store_dtype`` stores the activations in another dtype than
+the model runs in (``dtype``): a float32 model with bfloat16 rows halves the store.
+
 Python API::
 
     from routesae.capture import CaptureConfig, capture
@@ -21,10 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
-import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ import pandas as pd
 import torch
 
 from routesae.capture_checks import CaptureError, preflight
+from routesae.capture_io import ShardBuffer, prefetch  # noqa: F401  (prefetch: part of this module's API)
 from routesae.corpus import ContextBatch, ContextBuilder, CorpusConfig, CorpusStats, iter_documents
 from routesae.layers import parse_layers
 from routesae.models.intervene import RoutingOverride, override_routing, routing_rule
@@ -51,7 +53,7 @@ from routesae.models.load import (
 from routesae.models.routers import RoutingDecision, adapter_for
 from routesae.store import StoreWriter, resumable
 from routesae.store_lock import store_lock
-from routesae.store_size import bytes_per_token, size_warning
+from routesae.store_size import bytes_per_token, dtype_bytes, size_warning
 
 log = logging.getLogger(__name__)
 
@@ -82,17 +84,28 @@ class CaptureConfig:
     progress: bool = True
     routing_override: str | None = None  # e.g. "topk:2", "topp:0.5", "ablate:3,7@layer5" (hf backend)
     gguf_file: str | None = None  # a GGUF file in the folder ``model``; folded into ``model`` as folder/NAME
+    store_dtype: str | None = None  # dtype of the stored activations (None: ``dtype``, the model's)
+    world_size: int = 1  # processes writing the store; capture() sets it from torchrun's WORLD_SIZE
 
     def __post_init__(self) -> None:
         # one model spec reopens the model later (evaluate, analyze, dashboard): record folder/NAME.gguf
         self.model, self.gguf_file = model_spec(self.model, self.gguf_file), None
+
+    @property
+    def stored_dtype(self) -> str:
+        return self.store_dtype or self.dtype
 
     def content_args(self) -> dict:
         """The arguments that decide the store's content (a re-run must repeat them)."""
         keep = ("model", "corpus", "layers", "backend", "max_tokens", "ctx", "batch_size", "dtype", "router_logits",
                 "text_field", "domain_field", "split", "packing", "seed", "shard_mb", "routing_override")
         d = asdict(self)
-        return {k: d[k] for k in keep if k != "routing_override" or d[k]}  # older stores stay resumable
+        args = {k: d[k] for k in keep if k != "routing_override" or d[k]}  # older stores stay resumable
+        if self.stored_dtype != self.dtype:  # likewise: recorded only when it differs from the default
+            args["store_dtype"] = self.stored_dtype
+        if self.world_size > 1:
+            args["world_size"] = self.world_size
+        return args
 
 
 # ---------------------------------------------------------------- forward runners
@@ -249,6 +262,10 @@ def capture(cfg: CaptureConfig, on_shard: Callable[[dict], None] | None = None, 
     """
     if model is not None and cfg.backend != "hf":
         raise CaptureError("passing a loaded model works with backend hf only")
+    from routesae.capture_dist import capture_ranks, world_from_env
+
+    if (world := world_from_env()) is not None:
+        return capture_ranks(cfg, world, on_shard, model, tokenizer)
     pre = preflight(cfg)
     model, tok, runner_cls, n_layers, d_model, conf = _open(cfg, model, tokenizer)
     if tok is None:
@@ -267,7 +284,7 @@ def capture(cfg: CaptureConfig, on_shard: Callable[[dict], None] | None = None, 
                 log.info("store %s is complete (%d tokens); nothing to do", cfg.out, writer.tokens_done)
             else:
                 if cfg.max_tokens is None:  # one line before a capture that could fill the disk
-                    per_token = bytes_per_token(header, torch.finfo(resolve_dtype(cfg.dtype)).bits // 8)
+                    per_token = bytes_per_token(header, dtype_bytes(cfg.stored_dtype))
                     if warning := size_warning(pre.corpus, per_token, cfg.out):
                         log.warning(warning)
                 _fill(cfg, writer, runner, tok, int(conf.vocab_size), first_device(model), pre.corpus,
@@ -297,127 +314,68 @@ def _header(cfg: CaptureConfig, model, conf, tok, runner, layers: list[int], n_l
         "n_experts": n_experts, "top_k": top_k, "k_max": k_max,
         "routing_override": str(override) or None,
         "router_extras": list(extras), "router_logits": cfg.router_logits,
-        "dtype": cfg.dtype, "ctx": cfg.ctx, "bos_token_id": getattr(tok, "bos_token_id", None),
+        "dtype": cfg.dtype, "store_dtype": cfg.stored_dtype, "ctx": cfg.ctx,
+        "bos_token_id": getattr(tok, "bos_token_id", None),
         "corpus": {"path": cfg.corpus},
         "layer_numbering": "layer i = output of decoder block i = HF hidden_states[i+1]",
     }
     return header, k_max, extras
 
 
+def shard_tokens(cfg: CaptureConfig, values_per_token: int) -> int:
+    """Rows per shard: ``--shard-mb`` worth of activations, at least one context."""
+    return max(int(cfg.shard_mb * 2**20 / (values_per_token * dtype_bytes(cfg.stored_dtype))), cfg.ctx)
+
+
+def run_batch(cfg: CaptureConfig, runner, batch: ContextBatch, keep: torch.Tensor, device, builder: ContextBuilder,
+              token_text: np.ndarray, k_max: int | None, extras: tuple[str, ...]):
+    """One forward pass: the kept rows' residuals (in the store dtype, on CPU), router arrays and token rows."""
+    resid, route = runner(torch.from_numpy(batch.input_ids).to(device),
+                          torch.from_numpy(batch.attention_mask).to(device))
+    keep = keep.to(resid.device)
+    rows = None if bool(keep.all()) else keep.nonzero().squeeze(1)  # None: every row is real
+    resid = (resid if rows is None else resid.index_select(0, rows)).to(resolve_dtype(cfg.stored_dtype)).cpu()
+    router = (_router_arrays(route, runner.moe_layers, rows, k_max, extras, cfg.router_logits)
+              if runner.moe_layers else None)
+    return resid, router, token_rows(batch, builder, token_text, keep.cpu().numpy())
+
+
 def _fill(cfg: CaptureConfig, writer: StoreWriter, runner, tok, vocab_size: int, device, corpus: CorpusConfig,
           values_per_token: int, k_max: int | None, extras: tuple[str, ...],
           on_shard: Callable[[dict], None] | None) -> None:
     """Run the corpus through the model from where ``writer``'s store stops, shard by shard, and finish it."""
-    bytes_per_token = values_per_token * torch.finfo(resolve_dtype(cfg.dtype)).bits // 8
-    shard_tokens = max(int(cfg.shard_mb * 2**20 / bytes_per_token), cfg.ctx)
+    per_shard = shard_tokens(cfg, values_per_token)
     stats = CorpusStats()
     docs = iter_documents(corpus, stats)
     builder = ContextBuilder(tok, cfg.ctx, cfg.packing)
     token_text = token_strings(tok, vocab_size)
-
-    buf_resid: list[torch.Tensor] = []
-    buf_router: list[dict[str, torch.Tensor]] = []
-    buf_tokens: list[pd.DataFrame] = []
-    buffered = 0
     total = writer.tokens_done
-
-    # Shards are written by one background thread while the next batches run through the model;
-    # at most one shard is in flight, and shards land in order.
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="routesae-shard-writer")
-    pending: Future | None = None
-
-    def settle() -> None:
-        nonlocal pending
-        if pending is not None:
-            shard, pending = pending.result(), None
-            if on_shard:
-                on_shard(shard)
-
-    def flush(contexts_end: int) -> None:
-        nonlocal buffered, pending
-        if not buffered:
-            return
-        # chunks go to the writer as they are: it writes them back to back, with no concatenation
-        router = ({k: [r[k] for r in buf_router] for k in buf_router[0]} if buf_router else None)
-        parts = (list(buf_resid), router, pd.concat(buf_tokens, ignore_index=True), contexts_end)
-        buf_resid.clear(), buf_router.clear(), buf_tokens.clear()
-        buffered = 0
-        settle()
-        pending = pool.submit(writer.write_shard, *parts)
-
+    buf = ShardBuffer(writer.write_shard, on_shard)
     bar = _progress(cfg, total)
     try:
         last_end = writer.contexts_done
         for batch in prefetch(builder.batches(docs, cfg.batch_size, skip_contexts=writer.contexts_done)):
             if cfg.max_tokens is not None and total >= cfg.max_tokens:
                 break
-            resid, route = runner(torch.from_numpy(batch.input_ids).to(device),
-                                  torch.from_numpy(batch.attention_mask).to(device))
-            keep = torch.from_numpy(batch.attention_mask.reshape(-1).astype(bool)).to(resid.device)
+            keep = torch.from_numpy(batch.attention_mask.reshape(-1).astype(bool))
             if cfg.max_tokens is not None:  # trim the last batch to exactly max_tokens
-                room = cfg.max_tokens - total
-                pos = torch.cumsum(keep.long(), 0)
-                keep &= pos <= room
+                keep &= torch.cumsum(keep.long(), 0) <= cfg.max_tokens - total
+            buf.add(*run_batch(cfg, runner, batch, keep, device, builder, token_text, k_max, extras))
             n = int(keep.sum())
-            rows = None if n == keep.numel() else keep.nonzero().squeeze(1)  # None: every row is real
-            buf_resid.append((resid if rows is None else resid.index_select(0, rows)).cpu())
-            if runner.moe_layers:
-                buf_router.append(_router_arrays(route, runner.moe_layers, rows, k_max, extras, cfg.router_logits))
-            buf_tokens.append(token_rows(batch, builder, token_text, keep.cpu().numpy()))
-            buffered += n
             total += n
             last_end = int(batch.context_index[-1]) + 1
             bar.update(n)
-            if buffered >= shard_tokens:
-                flush(last_end)
-        flush(last_end)
-        settle()
+            if buf.rows >= per_shard:
+                buf.flush(contexts_end=last_end)
+        buf.flush(contexts_end=last_end)
+        buf.settle()
         if writer.tokens_done == 0:  # left incomplete and empty: a re-run with other arguments may replace it
             raise CaptureError(f"capture wrote no tokens into {cfg.out}; check --max-tokens and the corpus")
         writer.finish(corpus_stats={"documents_read": stats.documents, "skipped_non_utf8": stats.skipped_lines,
                                     "skipped_empty": stats.skipped_empty})
     finally:
-        pool.shutdown(wait=True)  # a shard already handed to the writer completes (atomically) even on error
+        buf.close()
         bar.close()
-
-
-def prefetch(items: Iterator, depth: int = 4) -> Iterator:
-    """Produce ``items`` in a background thread, up to ``depth`` ahead (tokenisation overlaps the model).
-
-    Errors in the producer are raised in the consumer; stopping early stops the producer.
-    """
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(done)
-        except BaseException as exc:  # handed to the consumer
-            q.put(exc)
-
-    thread = threading.Thread(target=produce, name="routesae-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join(timeout=5)
 
 
 def token_rows(batch: ContextBatch, builder: ContextBuilder, token_text: np.ndarray, keep: np.ndarray) -> pd.DataFrame:
@@ -440,8 +398,8 @@ def token_rows(batch: ContextBatch, builder: ContextBuilder, token_text: np.ndar
     })
 
 
-def _progress(cfg: CaptureConfig, initial: int):
+def _progress(cfg: CaptureConfig, initial: int, total: int | None = -1, desc: str = "capture"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.max_tokens, initial=initial, unit="tok", unit_scale=True, desc="capture",
-                disable=not cfg.progress, dynamic_ncols=True)
+    return tqdm(total=cfg.max_tokens if total == -1 else total, initial=initial, unit="tok", unit_scale=True,
+                desc=desc, disable=not cfg.progress, dynamic_ncols=True)

@@ -48,6 +48,9 @@ def check_options(cfg) -> RoutingOverride:
         raise CaptureError(f"--backend {cfg.backend} unknown; use hf or tl")
     if cfg.dtype not in DTYPES:
         raise CaptureError(f"--dtype {cfg.dtype} unknown; use one of {', '.join(DTYPES)}")
+    if cfg.store_dtype is not None and cfg.store_dtype not in DTYPES:
+        raise CaptureError(f"--store-dtype {cfg.store_dtype} unknown; use one of {', '.join(DTYPES)} "
+                           f"(or leave it out to store in --dtype)")
     check_context_options(cfg.ctx, cfg.packing)
     if cfg.batch_size < 1:
         raise CaptureError(f"--batch-size {cfg.batch_size} must be at least 1")

@@ -32,9 +32,12 @@ app.add_typer(store_app, name="store")
 
 from .cli_errors import USER_ERRORS  # noqa: E402
 from .cli_errors import fail as _fail  # noqa: E402
+from .cli_store import store_info, store_verify  # noqa: E402
 from .cli_train import train  # noqa: E402
 
 app.command()(train)
+store_app.command("info")(store_info)
+store_app.command("verify")(store_verify)
 ROUTING_OVERRIDE_HELP = ("Change routing during the forward: topk:K, topp:P, threshold:T, "
                          "ablate:E1,E2, each optionally @layerN / @layersA:B, joined by ';'.")
 
@@ -55,6 +58,9 @@ def capture(
     ctx: int = typer.Option(256, help="Context length in tokens."),
     batch_size: int = typer.Option(8, help="Contexts per forward pass."),
     dtype: str = typer.Option("float32", help="float32, float16 or bfloat16 (model and stored residuals)."),
+    store_dtype: str | None = typer.Option(None, help="Store the residuals in float32, float16 or bfloat16 while the "
+                                                      "model runs in --dtype (default: --dtype); bfloat16 halves a "
+                                                      "float32 store, and training converts one batch at a time."),
     router_logits: bool = typer.Option(True, "--router-logits/--no-router-logits", help="Store full router logits."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     device_map: str | None = typer.Option(None, help="Passed to Hugging Face, e.g. auto for multi-GPU models."),
@@ -68,7 +74,11 @@ def capture(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     routing_override: str | None = typer.Option(None, help=ROUTING_OVERRIDE_HELP),
 ) -> None:
-    """Capture residual streams and router decisions into a sharded, resumable store."""
+    """Capture residual streams and router decisions into a sharded, resumable store. Under `torchrun
+    --nproc_per_node N -m routesae.cli capture ...` N processes (one GPU each) capture blocks of contexts into
+    one store."""
+    import os
+
     from routesae.capture import CaptureConfig
     from routesae.capture import capture as run_capture
     from routesae.store import Store
@@ -83,8 +93,10 @@ def capture(
                             router_logits=router_logits, device=device, device_map=device_map, text_field=text_field,
                             domain_field=domain_field, split=split, packing=packing, shard_mb=shard_mb, seed=seed,
                             trust_remote_code=trust_remote_code, progress=not quiet, routing_override=routing_override,
-                            gguf_file=gguf_file)
+                            gguf_file=gguf_file, store_dtype=store_dtype)
         path = run_capture(cfg)
+        if int(os.environ.get("RANK") or 0) != 0:  # under torchrun: rank 0 prints the summary
+            return
         s = Store(path)
     except USER_ERRORS as exc:
         _fail(exc)
@@ -362,35 +374,6 @@ def dashboard(
         _fail(exc)
     if rc:
         raise typer.Exit(code=rc)
-
-
-@store_app.command("info")
-def store_info(store: Path = typer.Argument(..., help="Store folder.")) -> None:
-    """Print what a store holds."""
-    from routesae.store import Store
-
-    try:
-        s = Store(store)
-    except USER_ERRORS as exc:
-        _fail(exc)
-    m = s.manifest
-    model = m.get("model") or {}
-    typer.echo(f"model      {model.get('name_or_path')} ({model.get('architecture')})")
-    typer.echo(f"tokens     {s.n_tokens:,} in {len(s.shards)} shard(s); complete: {m.get('complete')}")
-    typer.echo(f"layers     {s.layers} of {m.get('n_layers')} (d_model {s.d_model})")
-    typer.echo(f"moe layers {s.moe_layers} ({m.get('n_experts')} experts, top-{m.get('top_k')})")
-
-
-@store_app.command("verify")
-def store_verify(store: Path = typer.Argument(..., help="Store folder.")) -> None:
-    """Re-hash every shard against the manifest."""
-    from routesae.store import Store
-
-    try:
-        Store(store).verify()
-    except USER_ERRORS as exc:
-        _fail(exc)
-    typer.echo(f"{store}: all shards match their sha256")
 
 
 @zoo_app.command("train-lm")

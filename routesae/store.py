@@ -10,6 +10,7 @@ Layout of a store folder::
                                      logits  [tokens, n_moe_layers, E] float16 (optional)
                                      <extra> [tokens, n_moe_layers] float16 (e.g. shared_gate)
     tokens.parquet/part-NNNNN.parquet  token_id, token, doc_id, position, ctx_pos, context, domain, shard, row
+    ranks/rank-RRRRR.json            multi-process captures only: each rank's own progress (routesae/store_ranks.py)
 
 Every file is written to a temporary name (``.NAME.tmp-PID``) and renamed; the manifest is
 rewritten (atomically) only after all files of a shard exist, so an interrupted capture leaves a
@@ -20,6 +21,10 @@ A writer opens only a new folder, an empty one, or a store made with the same ar
 same corpus (its fingerprint); a store with no tokens yet is replaced. It removes only its own
 leftover temporary names, and never rewrites a manifest it cannot read. A missing or garbled
 file is a one-line StoreError naming it.
+
+Activations are stored in the manifest's ``store_dtype`` (else its ``dtype``: float32, float16 or
+bfloat16); readers hand out float32 one minibatch at a time (:meth:`Store.batches`), never an
+upcast copy of the shards.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from routesae.store_lock import LOCK_NAME
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TOKENS_DIR = "tokens.parquet"
+RANKS_DIR = "ranks"  # per-rank progress files of a multi-process capture (routesae/store_ranks.py)
 
 
 class StoreError(ValueError):
@@ -69,14 +75,46 @@ def _part_name(index: int) -> str:
 # the temporary names atomic_path gives the writer's own files (a user's .notes.tmp-1 is not one)
 _ROOT_TEMP = re.compile(r"\.(?:(?:acts|router)-\d{5}\.safetensors|manifest\.json)\.tmp-\d+")
 _TOKENS_TEMP = re.compile(r"\.part-\d{5}\.parquet\.tmp-\d+")
+_RANK_FILE = re.compile(r"rank-\d{5}\.json")
+_RANK_TEMP = re.compile(r"\.rank-\d{5}\.json\.tmp-\d+")
 
 
 def _leftovers(root: Path) -> list[Path]:
     """Temporary files an interrupted writer left in ``root`` (exact writer names only)."""
     found = [p for p in root.iterdir() if _ROOT_TEMP.fullmatch(p.name) and p.is_file()]
-    if (root / TOKENS_DIR).is_dir():
-        found += [p for p in (root / TOKENS_DIR).iterdir() if _TOKENS_TEMP.fullmatch(p.name) and p.is_file()]
+    for sub, pattern in ((TOKENS_DIR, _TOKENS_TEMP), (RANKS_DIR, _RANK_TEMP)):
+        if (root / sub).is_dir():
+            found += [p for p in (root / sub).iterdir() if pattern.fullmatch(p.name) and p.is_file()]
     return found
+
+
+def rank_files(root: str | Path) -> list[Path]:
+    """The per-rank progress files of a multi-process capture in ``root`` (none for other stores)."""
+    folder = Path(root) / RANKS_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _RANK_FILE.fullmatch(p.name) and p.is_file())
+
+
+def _rank_progress(root: Path) -> bool:
+    """Whether a rank of a multi-process capture recorded a shard in ``root`` (an unreadable file counts)."""
+    for path in rank_files(root):
+        try:
+            if json.loads(path.read_bytes()).get("shards"):
+                return True
+        except (ValueError, OSError, AttributeError):
+            return True
+    return False
+
+
+def drop_rank_files(root: str | Path) -> None:
+    """Remove the per-rank progress files (a store being replaced, whose ranks wrote no shard)."""
+    for path in rank_files(root):
+        path.unlink(missing_ok=True)
+    try:
+        (Path(root) / RANKS_DIR).rmdir()
+    except OSError:  # missing, or holds something else: left alone
+        pass
 
 
 def _first_line(exc: Exception) -> str:
@@ -126,7 +164,7 @@ def resumable(root: str | Path, old: dict, capture_args: dict, fingerprint: str 
     """Whether writing with ``capture_args`` over a corpus with ``fingerprint`` continues the store whose
     manifest is ``old`` (True), or replaces it because it holds nothing yet (False); a StoreError
     when continuing would mix two different captures."""
-    if not old.get("shards") and not old.get("tokens"):
+    if not old.get("shards") and not old.get("tokens") and not _rank_progress(Path(root)):
         return False
     if old.get("format_version") != FORMAT_VERSION:
         raise StoreError(f"store {root} has format {old.get('format_version')}, this routesae writes "
@@ -134,6 +172,11 @@ def resumable(root: str | Path, old: dict, capture_args: dict, fingerprint: str 
     was_args = old.get("capture_args") or {}
     if was_args != capture_args:
         diff = sorted(k for k in set(was_args) | set(capture_args) if was_args.get(k) != capture_args.get(k))
+        if diff == ["world_size"]:
+            was, now = was_args.get("world_size", 1), capture_args.get("world_size", 1)
+            how = "without torchrun" if was == 1 else f"under torchrun --nproc_per_node {was}"
+            raise StoreError(f"store {root} was captured by {was} process(es), this capture runs {now}; "
+                             f"resume it {how}, or capture into a new --out")
         raise StoreError(f"store {root} was made with different arguments ({', '.join(diff)}); "
                          f"use a new --out folder, or delete this one to start again")
     corpus = old.get("corpus") or {}
@@ -145,6 +188,28 @@ def resumable(root: str | Path, old: dict, capture_args: dict, fingerprint: str 
 
 
 # ---------------------------------------------------------------- writing
+
+
+def write_shard_files(root: Path, index: int, resid: Chunks, router: dict[str, Chunks] | None,
+                      tokens: pd.DataFrame) -> tuple[int, dict[str, str]]:
+    """Write shard ``index``'s files (activations, router records, token part), each atomically;
+    return its number of rows and ``{file name: sha256}`` of the safetensors files. Nothing is recorded."""
+    resid = _chunk_list(resid)
+    router = {k: _chunk_list(v) for k, v in router.items()} if router else None
+    n = sum(c.shape[0] for c in resid)
+    if len(tokens) != n or (router and any(sum(c.shape[0] for c in v) != n for v in router.values())):
+        raise StoreError("shard parts disagree on the number of tokens (internal error)")
+    files: dict[str, str] = {}
+    name = _shard_name("acts", index)
+    files[name] = write_chunked_safetensors(root / name, {"resid": resid})
+    if router:
+        name = _shard_name("router", index)
+        files[name] = write_chunked_safetensors(root / name, router)
+    tokens = tokens.assign(shard=np.int32(index), row=np.arange(n, dtype=np.int64))
+    with atomic_path(root / _part_name(index)) as tmp:
+        tokens.to_parquet(tmp, index=False)
+    return n, files
+
 
 
 class StoreWriter:
@@ -168,6 +233,7 @@ class StoreWriter:
             self.manifest = {"format_version": FORMAT_VERSION, **header, "capture_args": capture_args,
                              "tokens": 0, "contexts": 0, "complete": False, "shards": []}
             atomic_write_json(self.root / MANIFEST, self.manifest)
+            drop_rank_files(self.root)  # a multi-process start that wrote nothing
         (self.root / TOKENS_DIR).mkdir(exist_ok=True)
         for stale in _leftovers(self.root):  # no other writer runs (capture holds store_lock)
             stale.unlink(missing_ok=True)
@@ -192,20 +258,7 @@ class StoreWriter:
         written back to back without concatenating them in memory first.
         """
         index = len(self.manifest["shards"])
-        resid = _chunk_list(resid)
-        router = {k: _chunk_list(v) for k, v in router.items()} if router else None
-        n = sum(c.shape[0] for c in resid)
-        if len(tokens) != n or (router and any(sum(c.shape[0] for c in v) != n for v in router.values())):
-            raise StoreError("shard parts disagree on the number of tokens (internal error)")
-        files: dict[str, str] = {}
-        name = _shard_name("acts", index)
-        files[name] = write_chunked_safetensors(self.root / name, {"resid": resid})
-        if router:
-            name = _shard_name("router", index)
-            files[name] = write_chunked_safetensors(self.root / name, router)
-        tokens = tokens.assign(shard=np.int32(index), row=np.arange(n, dtype=np.int64))
-        with atomic_path(self.root / TOKENS_DIR / f"part-{index:05d}.parquet") as tmp:
-            tokens.to_parquet(tmp, index=False)
+        n, files = write_shard_files(self.root, index, resid, router, tokens)
         shard = {"index": index, "tokens": n, "contexts_end": contexts_end, "sha256": files}
         self.manifest["shards"].append(shard)
         self.manifest["tokens"] += n
@@ -226,7 +279,8 @@ class StoreWriter:
 class Batch:
     """One minibatch of token rows.
 
-    resid: [B, L', d] (all captured layers) or [B, d] (one layer), float32
+    resid: [B, L', d] (all captured layers) or [B, d] (one layer), float32 (converted per batch from the
+           store's dtype)
     router: dict of router arrays for these rows (indices, weights, n_active, ...), or None
     rows: [B, 2] int64, (shard, row) of each token, to find it in ``tokens.parquet``
     """
@@ -274,6 +328,11 @@ class Store:
     @property
     def shards(self) -> list[dict]:
         return list(self.manifest["shards"])
+
+    @property
+    def dtype(self) -> str:
+        """The dtype the activations are stored in (float32, float16 or bfloat16)."""
+        return str(self.manifest.get("store_dtype") or self.manifest.get("dtype") or "float32")
 
     def layer_position(self, layer: int) -> int:
         """Position of block ``layer`` in the stored layer axis."""

@@ -29,6 +29,16 @@ TEXT_BYTES_PER_TOKEN = 4.0  # a rough average of BPE tokenizers on English text 
 GZIP_RATIO = 4.0  # text grows about this much when un-gzipped
 
 
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes of one stored activation value in ``dtype`` (float32, float16 or bfloat16)."""
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype} unknown; use one of {', '.join(DTYPE_BYTES)}")
+    return DTYPE_BYTES[dtype]
+
+
 def bytes_per_token(header: dict, dtype_bytes: int) -> int:
     """Bytes one token takes in a store with this manifest ``header`` (residuals and router records)."""
     resid = len(header["layers"]) * int(header["d_model"]) * dtype_bytes
@@ -39,6 +49,26 @@ def bytes_per_token(header: dict, dtype_bytes: int) -> int:
     per_layer = k_max * 4 + 1 + (experts * 2 if header.get("router_logits") else 0)
     per_layer += 2 * len(header.get("router_extras") or ())
     return resid + moe * per_layer
+
+
+def store_sizes(store) -> dict:
+    """Bytes per token of a :class:`~routesae.store.Store`: ``activations`` and ``router`` (the arithmetic of
+    :func:`bytes_per_token` over its manifest and stored dtype), their sum ``per_token``, and ``on_disk``
+    (every listed shard file and token-table part, measured; None for an empty store)."""
+    m = store.manifest
+    header = {**m, "layers": store.layers}
+    per_token = bytes_per_token(header, dtype_bytes(store.dtype))
+    activations = len(store.layers) * store.d_model * dtype_bytes(store.dtype)
+    files = [store.root / name for s in store.shards for name in s.get("sha256", {})]
+    files += [store.root / "tokens.parquet" / f"part-{int(s['index']):05d}.parquet" for s in store.shards]
+    disk = sum(f.stat().st_size for f in files if f.is_file())
+    return {"activations": activations, "router": per_token - activations, "per_token": per_token,
+            "on_disk": disk / store.n_tokens if store.n_tokens else None}
+
+
+def gb(n: float) -> str:
+    """``n`` bytes in GB (10^9) or TB, the way this project prints store sizes."""
+    return f"{n / 1e12:,.1f} TB" if n >= 1e12 else _gb(n)
 
 
 def corpus_tokens_estimate(corpus: CorpusConfig) -> int | None:

@@ -109,6 +109,7 @@ def test_folder_that_is_not_an_lm(corpus_jsonl, tmp_path):
     (["--packing", "zip"], ["--packing", "pad"], ["--packing zip", "pack or pad"]),
     (["--backend", "jax"], ["--backend", "hf"], ["--backend jax", "hf or tl"]),
     (["--dtype", "float8"], ["--dtype", "float32"], ["--dtype float8"]),
+    (["--store-dtype", "int8"], ["--store-dtype", "bfloat16"], ["--store-dtype int8", "bfloat16"]),
     (["--device", "gpu0"], ["--device", "cpu"], ["--device gpu0"]),
     (["--layers", "9"], ["--layers", "3"], ["out of range", "0..3"]),
     (["--layers", "x"], ["--layers", "1:2"], ["cannot read layer spec"]),

@@ -94,3 +94,50 @@ def test_tl_backend_store_agrees_with_hf(tiny_ckpt, corpus_jsonl, tmp_path):
     assert torch.equal(a["indices"].long().sort(-1).values, b["indices"].long().sort(-1).values)
     torch.testing.assert_close(a["logits"].float(), b["logits"].float(), rtol=0, atol=2e-3)
     assert hf.tokens().equals(tl.tokens())
+
+
+def test_bfloat16_store_rows_are_rounded_float32_rows_and_train(tiny_store, tmp_path):
+    """--store-dtype bfloat16 under a float32 model: the float32 capture's rows rounded to bfloat16 (half the
+    bytes), read back one float32 batch at a time, and a few training steps run on it."""
+    from typer.testing import CliRunner
+
+    from routesae.cli import app
+    from routesae.train import TrainConfig, train
+
+    common = dict(batch_size=3, layers="0,2", shard_mb=0.005, seed=0)
+    f32 = tiny_store(tmp_path / "f32", **common)
+    b16 = tiny_store(tmp_path / "b16", store_dtype="bfloat16", **common)
+    assert (b16.dtype, b16.manifest["dtype"], f32.dtype) == ("bfloat16", "float32", "float32")
+    assert b16.manifest["capture_args"]["store_dtype"] == "bfloat16"
+    assert "store_dtype" not in f32.manifest["capture_args"]  # older float32 stores stay resumable
+    assert b16.n_tokens == f32.n_tokens and len(b16.shards) >= 3
+    rows32, rows16 = _all_rows(f32), _all_rows(b16)
+    assert rows16.dtype == torch.bfloat16 and torch.equal(rows16, rows32.to(torch.bfloat16))
+    size = [(s.root / "acts-00000.safetensors").stat().st_size for s in (f32, b16)]
+    assert size[1] < 0.51 * size[0]
+
+    # the reader keeps a group of shards in bfloat16 and converts each batch only
+    resid, _, _ = b16._load_group([0, 1], None, False)
+    assert resid.dtype == torch.bfloat16
+    b = next(b16.batches(16, seed=0))
+    assert b.resid.dtype == torch.float32
+    torch.testing.assert_close(b.resid, rows16[_flat(b16, b.rows)].float(), rtol=0, atol=0)
+
+    run = tmp_path / "run"
+    train(TrainConfig(store=str(b16.root), out=str(run), arch="routesae", k=4, expansion=2, batch_tokens=64,
+                      tokens=64 * 4, progress=False, device="cpu"))
+    metrics = [line for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    assert metrics and (run / "train_config.json").exists()
+
+    res = CliRunner().invoke(app, ["store", "info", str(b16.root)])
+    assert res.exit_code == 0, res.output
+    # layers 0 and 2 of d 32 in bfloat16 = 128 bytes; 4 MoE layers x (2 x 4 + 1 + 8 x 2) = 100 bytes
+    assert "bfloat16 activations (model ran in float32)" in res.output
+    assert "per token  228 bytes (activations 128 + router records 100)" in res.output
+    assert "projected  10M tokens" in res.output and "100M tokens" in res.output
+
+
+def _flat(store: Store, rows: torch.Tensor) -> torch.Tensor:
+    """Positions of (shard, row) pairs in the concatenation of all shards."""
+    starts = torch.tensor([0] + [s["tokens"] for s in store.shards]).cumsum(0)
+    return starts[rows[:, 0]] + rows[:, 1]
