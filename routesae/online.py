@@ -52,6 +52,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -61,8 +62,9 @@ import pandas as pd
 import torch
 import torch.distributed as tdist
 
-from .capture import CaptureConfig, _header, _open, _router_arrays, capture, prefetch, token_rows, token_strings
+from .capture import CaptureConfig, _header, _open, _router_arrays, capture, shard_tokens, token_rows, token_strings
 from .capture_checks import CaptureError, check_options, preflight
+from .capture_io import prefetch
 from .corpus import ContextBuilder, CorpusConfig, CorpusStats, corpus_fingerprint, first_document, iter_documents
 from .layers import parse_layers
 from .models.load import config_hash, first_device, recorded_spec, resolve_dtype
@@ -162,8 +164,8 @@ class SampleWriter:
     def __init__(self, ccfg: CaptureConfig, header: dict, tok: Any, vocab_size: int, moe_layers: list[int],
                  k_max: int | None, extras: tuple[str, ...], values_per_token: int):
         self.ccfg, self.header, self.moe_layers, self.k_max, self.extras = ccfg, header, moe_layers, k_max, extras
-        per_token = values_per_token * torch.finfo(resolve_dtype(ccfg.dtype)).bits // 8
-        self.shard_tokens = max(int(ccfg.shard_mb * 2**20 / per_token), ccfg.ctx)
+        self.shard_tokens = shard_tokens(ccfg, values_per_token)
+        self.store_dtype = resolve_dtype(ccfg.stored_dtype)
         self.token_text = token_strings(tok, vocab_size)
         self.parts: tuple[list, list, list] = ([], [], [])  # resid, router arrays, token rows of this shard
         self.ready: list[tuple] = []  # sealed shards not yet written
@@ -182,7 +184,7 @@ class SampleWriter:
         n = int(keep.sum())
         rows = None if n == keep.numel() else keep.nonzero().squeeze(1)
         resid_part, router_part, token_part = self.parts
-        resid_part.append((resid if rows is None else resid.index_select(0, rows)).cpu())
+        resid_part.append((resid if rows is None else resid.index_select(0, rows)).to(self.store_dtype).cpu())
         if self.moe_layers:
             router_part.append(_router_arrays(route, self.moe_layers, rows, self.k_max, self.extras,
                                               self.ccfg.router_logits))
@@ -465,7 +467,8 @@ def _train_online(cfgs, ocfg: OnlineConfig, dist: Dist, callback, dev_name: str,
             runner.close()
             log.info("capturing the sample store %s (%d tokens)", sample_path, ocfg.sample_store)
             hf = ocfg.backend == "hf"
-            capture(ccfg, model=model if hf else None, tokenizer=tok if hf else None)
+            with _one_process():  # rank 0 alone: not capture's multi-process path under torchrun
+                capture(ccfg, model=model if hf else None, tokenizer=tok if hf else None)
 
         if multi:
             run_many(trainees, cfgs, source.batches(), dist, device, callback, root, source_desc,
@@ -482,6 +485,20 @@ def _train_online(cfgs, ocfg: OnlineConfig, dist: Dist, callback, dev_name: str,
         if writer is not None:
             writer.close()
         runner.close()
+
+
+@contextlib.contextmanager
+def _one_process() -> Iterator[None]:
+    """Hide torchrun's ``WORLD_SIZE`` for a call (capture then runs in this process only)."""
+    was = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = "1"
+    try:
+        yield
+    finally:
+        if was is None:
+            del os.environ["WORLD_SIZE"]
+        else:
+            os.environ["WORLD_SIZE"] = was
 
 
 def _complete(path: Path) -> bool:
