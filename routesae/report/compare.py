@@ -250,6 +250,10 @@ def comparison_findings(runs: list[RunInfo]) -> list[Finding]:
     """Data (held out?), headline metrics best first, the zero-ablation caveat, routed layers, feature counts."""
     out: list[Finding | None] = [same_tokens_finding(runs)]
     by_key = {k: (g, b) for g, k, b in METRICS if g != "raw_space"}
+    if all((r.eval or {}).get("raw_space", {}).get("nmse") is not None for r in runs):
+        # like for like across architectures: every run's error on the raw residual it splices (the SAE-input
+        # space differs: standardised, routed and centred for RouteSAE, one standardised layer for TopK)
+        by_key.update({k: (g, b) for g, k, b in METRICS if g == "raw_space"})
     out += [metric_finding(runs, by_key[k][0], k, by_key[k][1]) for k in HEADLINE]
     out += [ablation_caveat(runs), routed_finding(runs), features_finding(runs)]
     return [f for f in out if f is not None]
