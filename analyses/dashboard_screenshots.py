@@ -4,7 +4,7 @@
 
 RUN defaults to the full demo's RouteSAE run (``routesae demo`` first). The feature page shows
 ``--feature`` (default: the interpretable latent that fires most often in the analysis; the README
-uses ``--feature 48``, a math latent of the "=" sign); the
+uses ``--feature 48``, a math latent of "=" and ">>" in worked calculations); the
 experts page opens at its default layer. Writes ``dashboard-feature.png`` and
 ``dashboard-experts.png`` (1400 x 1000 pixels) into ``--out``.
 """
