@@ -35,8 +35,8 @@ class TopKReLU(torch.autograd.Function):
 
     Inputs: ``x [N, d]`` (already centred by ``b_pre``), ``W_enc [d, M]``, ``b_enc [M]``, ``k``.
     Outputs: ``val [N, k]`` (post-ReLU, so negatives among the top k are 0), ``idx [N, k]`` int64.
-    Under CUDA autocast the matmul runs in the autocast dtype; gradients come back in the dtype of
-    each input.
+    Under CUDA autocast the forward matmul runs in the autocast dtype and the backward in float32
+    (float64 for float64 inputs) with autocast off; gradients come back in the dtype of each input.
     """
 
     @staticmethod
@@ -52,6 +52,14 @@ class TopKReLU(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g_val: Tensor, _g_idx: Tensor | None) -> tuple[Tensor | None, ...]:
+        # custom_bwd runs this under the forward's autocast state, in which sparse.mm's inner addmm would
+        # cast the COO matrix to bf16 (not the float32 ``work`` below, and with no bf16 sparse kernel in
+        # some torch builds): the backward's products run with autocast off.
+        with torch.autocast(device_type="cuda", enabled=False):
+            return TopKReLU._sparse_backward(ctx, g_val)
+
+    @staticmethod
+    def _sparse_backward(ctx, g_val: Tensor) -> tuple[Tensor | None, ...]:
         x, W_enc, idx, val = ctx.saved_tensors
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
         g = (g_val * (val > 0)).to(work)  # ReLU gate; [N, k]
