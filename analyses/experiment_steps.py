@@ -131,6 +131,14 @@ def metrics_row(ev: dict) -> dict[str, Any]:
             "hist": (ev.get("routed_layers") or {}).get("fractions")}
 
 
+def pm(s: dict, key: str, spec: str = ".3f") -> str:
+    """``mean ± sd`` of ``s[key]`` and ``s[key + "_sd"]`` (just the mean without an sd; ``n/a`` without a mean)."""
+    m, sd = s.get(key), s.get(key + "_sd")
+    if m is None:
+        return "n/a"
+    return f"{m:{spec}} ± {sd:{spec}}" if sd is not None else f"{m:{spec}}"
+
+
 def fmt(x: Any, spec: str = ".4f") -> str:
     """A number for a table (``n/a`` for None)."""
     return "n/a" if x is None else format(x, spec)

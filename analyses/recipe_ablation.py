@@ -39,6 +39,7 @@ from experiment_steps import (  # noqa: E402
     evaluate_once,
     markdown_table,
     metrics_row,
+    pm,
     train_once,
     write_section,
 )
@@ -168,13 +169,6 @@ def summarise(rows: list[dict]) -> list[dict]:
         s["hist"] = [statistics.fmean(h[i] for h in hists) for i in range(len(hists[0]))] if hists else None
         out.append(s)
     return out
-
-
-def pm(s: dict, key: str, spec: str = ".3f") -> str:
-    m, sd = s.get(key), s.get(key + "_sd")
-    if m is None:
-        return "n/a"
-    return f"{m:{spec}} ± {sd:{spec}}" if sd is not None else f"{m:{spec}}"
 
 
 def beyond_spread(a: dict, b: dict, key: str) -> bool:

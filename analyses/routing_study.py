@@ -39,6 +39,7 @@ from experiment_steps import (  # noqa: E402
     feature_count_once,
     markdown_table,
     metrics_row,
+    pm,
     train_once,
     write_section,
 )
@@ -156,13 +157,6 @@ def summarise(rows: list[dict], fire: list[float]) -> list[dict]:
         s["features_per_layer"] = {j: statistics.fmean(p.get(j, 0) for p in per) for j in per[0]}
         out.append(s)
     return out
-
-
-def pm(s: dict, key: str, spec: str = ".3f") -> str:
-    m, sd = s.get(key), s.get(key + "_sd")
-    if m is None:
-        return "n/a"
-    return f"{m:{spec}} ± {sd:{spec}}" if sd is not None else f"{m:{spec}}"
 
 
 def markdown(res: dict) -> str:
