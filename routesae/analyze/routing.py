@@ -27,6 +27,7 @@ Tables (Parquet) and ``summary.json`` go to ``OUT``; see :func:`analyze_routing`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -244,10 +245,15 @@ class _FastForward(_Forward):
             self.cache[layer] = (ids, ys)
 
     @torch.inference_mode()
-    def final(self, start: int, override: RoutingOverride, record: bool = False):
-        """The last block's output under ``override`` (which touches no layer before ``start``)."""
-        entry = self.entry[start]
-        with override_routing(self.model, override, record=record) as active:
+    def final(self, start: int, override: RoutingOverride, record: bool = False, same_as: LayerPlan | None = None):
+        """``(the last block's output, counts or None, same)`` under ``override`` (which touches no layer
+        before ``start``); ``same``: whether ``same_as`` at every MoE layer would have routed every token
+        alike (same experts, same weights), so that its forward would be this one."""
+        entry, logits = self.entry[start], {}
+        routers = [getattr(self.adapter.moe_block(i), self.adapter.router_attr) for i in self.adapter.moe_layers()]
+        with override_routing(self.model, override, record=record) as active, contextlib.ExitStack() as hooks:
+            for i, r in zip(self.adapter.moe_layers(), routers if same_as else []):
+                hooks.callback(r.register_forward_hook(lambda m, a, o, i=i: logits.__setitem__(i, o[0])).remove)
             if entry[0] == "mid":
                 h = entry[1] + _first(self._moe(start, *entry[2]))
                 start += 1
@@ -258,7 +264,10 @@ class _FastForward(_Forward):
                 h = _first(self.layers[i](h, *args, **kwargs))
         counts = ({layer: c.cpu().numpy()[self.keep.cpu().numpy()] for layer, c in active.counts.items()}
                   if record else None)
-        return h, counts
+        same = same_as is not None and len(logits) == len(routers) and all(
+            _same_routing(self.adapter, self.adapter.moe_block(i), x, active.plans[i], same_as)
+            for i, x in logits.items())
+        return h, counts, same
 
     def _moe(self, layer: int, args, kwargs):
         block = self.adapter.moe_block(layer)
@@ -293,6 +302,15 @@ class _FastForward(_Forward):
             ces[c] = -lq.gather(-1, self.tgt[c, None]).squeeze(-1)
         ces[~self.has_tgt] = float("nan")
         return kls.cpu().numpy(), ces.cpu().numpy()
+
+
+def _same_routing(adapter, block, logits: torch.Tensor, a: LayerPlan, b: LayerPlan) -> bool:
+    """Whether plans ``a`` and ``b`` give every token the same experts with the same weights."""
+    (ia, wa, va), (ib, wb, vb) = (reroute(adapter, block, logits, plan) for plan in (a, b))
+    if ia.shape != ib.shape or not (bool(va.all()) and bool(vb.all())):
+        return False
+    oa, ob = ia.sort(-1), ib.sort(-1)
+    return torch.equal(oa.values, ob.values) and torch.equal(wa.gather(1, oa.indices), wb.gather(1, ob.indices))
 
 
 def _combine(ids, ys, idx, w):
@@ -462,10 +480,17 @@ def _fast_views(fw: _FastForward, grid: _Grid, cfg: RoutingAnalysisConfig) -> di
     first, n = grid.moe[0], len(fw.ce_own)
     out: dict[str, dict] = {"topk_kl": {}, "topk_ce": {}, "layer_kl": {}, "topp_kl": {}, "topp_ce": {},
                             "topp_n": {}, "abl_ce": {}}
+    full = LayerPlan("topp", 1.0) if 1.0 in cfg.p_grid and grid.k_grid[-1] == scored_experts(fw.adapter) else None
     for kk in grid.k_grid:
-        kl, ce = ((np.zeros(n, np.float32), fw.ce_own.copy()) if kk == grid.k
-                  else fw.head(fw.final(first, RoutingOverride.of("topk", kk))[0]))
-        out["topk_kl"][kk], out["topk_ce"][kk] = kl, ce
+        if kk == grid.k:
+            out["topk_kl"][kk], out["topk_ce"][kk] = np.zeros(n, np.float32), fw.ce_own.copy()
+            continue
+        check = full if kk == grid.k_grid[-1] else None
+        h, counts, same = fw.final(first, RoutingOverride.of("topk", kk), record=bool(check), same_as=check)
+        out["topk_kl"][kk], out["topk_ce"][kk] = fw.head(h)
+        if same:  # topp:1 routes like topk:E (every expert, the same weights): the same forward
+            out["topp_kl"][1.0], out["topp_ce"][1.0] = out["topk_kl"][kk], out["topk_ce"][kk]
+            out["topp_n"][1.0] = counts
     for layer in grid.view_layers:
         undecided = np.ones(n, bool)
         for kk in grid.small:
@@ -476,8 +501,11 @@ def _fast_views(fw: _FastForward, grid: _Grid, cfg: RoutingAnalysisConfig) -> di
                 undecided &= ~(kl <= min(cfg.eps))
             out["layer_kl"][(layer, kk)] = kl
     for p in cfg.p_grid:
-        h, counts = fw.final(first, RoutingOverride.of("topp", p), record=True)
-        (out["topp_kl"][p], out["topp_ce"][p]), out["topp_n"][p] = fw.head(h), counts
+        if p not in out["topp_kl"]:
+            h, counts, _ = fw.final(first, RoutingOverride.of("topp", p), record=True)
+            (out["topp_kl"][p], out["topp_ce"][p]), out["topp_n"][p] = fw.head(h), counts
+    out["topp_kl"], out["topp_ce"], out["topp_n"] = ({p: d[p] for p in cfg.p_grid}
+                                                     for d in (out["topp_kl"], out["topp_ce"], out["topp_n"]))
     for layer in grid.abl_layers:
         for e in grid.experts:
             out["abl_ce"][(layer, e)] = fw.head(fw.final(layer, RoutingOverride.of("ablate", [e], [layer]))[0],
