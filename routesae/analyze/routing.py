@@ -37,13 +37,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from routesae.analyze.routing_tables import routing_tables
+from routesae.analyze.routing_tables import DEFINITIONS, routing_tables
 from routesae.atomic import atomic_path, atomic_write_json
 from routesae.capture import token_rows, token_strings
 from routesae.corpus import ContextBuilder, CorpusConfig, iter_documents
 from routesae.layers import parse_layers
+from routesae.models import intervene
 from routesae.models.adapters import _experts_inputs
-from routesae.models.intervene import LayerPlan, RoutingOverride, override_routing, reroute, scored_experts
+from routesae.models.intervene import LayerPlan, RoutingOverride, override_routing, scored_experts
 from routesae.models.load import ModelConfig, base_model, decoder_layers, first_device, load_model
 from routesae.models.routers import adapter_for
 
@@ -143,34 +144,30 @@ def _first(out):
 
 
 class _FastForward(_Forward):
-    """:class:`_Forward`'s numbers for less compute (``fast=True``, the default).
+    """:class:`_Forward`'s numbers for less compute. The model's own pass also keeps what an override
+    starting at a block of ``starts`` replays: the blocks' call arguments, the residual after attention
+    and the MoE input (where the block checks out as ``h + attn + moe``), and the outputs of each token's
+    k+1 best experts (where their weighted sum checks out as the experts' output). An override at layer
+    L then recomputes that MoE (from the cached outputs when they hold every chosen expert) and the
+    blocks after it; the head (final norm, LM head, log-softmax) runs over analysed tokens, in row
+    chunks. ``ok`` False (head or call arguments not as expected): use the full forwards of ``run``."""
 
-    The model's own pass also keeps, per block, what an override starting there replays: the block's
-    call arguments, the residual after attention and the MoE block's input (used when the block is
-    checked to be ``h + attn + moe``), and at ``cache_layers`` the outputs of each token's k+1 best
-    experts (when their weighted sum is checked to give the experts' output). An override at layer L
-    then recomputes that layer's MoE only (from the cached expert outputs when every chosen expert is
-    cached) and the blocks after it; the vocabulary head (final norm, LM head, log-softmax) runs over
-    the analysed tokens only, in row chunks. Any check that fails falls back to the full forward.
-    """
-
-    def __init__(self, model, adapter, ids, mask, keep, cache_layers=()):
+    def __init__(self, model, adapter, ids, mask, keep, starts=()):
         rows = keep.view(ids.shape).any(1)  # sequences holding no analysed token are not run
         ids, mask, keep = ids[rows], mask[rows], keep.view(ids.shape)[rows].flatten()
         self.adapter, self.layers = adapter, decoder_layers(model)
         self.calls, self.entry, self.cache = {}, {}, {}
         cap: dict[str, dict] = {key: {} for key in ("attn", "out", "block", "moe", "xin", "xout", "logits")}
-        want = [layer for layer in cache_layers if adapter.experts_get_decision]
-        handles = self._capture(cap, want)
+        handles = self._capture(cap, starts if adapter.experts_get_decision else ())
         try:
             super().__init__(model, adapter, ids, mask, keep)
         finally:
             for h in handles:
                 h.remove()
-        self.ok = self._check_head(cap["out"][len(self.layers) - 1])
-        for i in range(len(self.layers)):
-            self._entry(i, cap)
-        for layer in want:
+        self.ok = self._check_head(cap["out"][len(self.layers) - 1]) and all(self.calls[i][0] for i in self.calls)
+        for i in range(len(self.layers) if self.ok else 0):
+            self._entry(i, cap, i in starts)
+        for layer in starts if self.ok else ():
             self._cache(layer, cap)
         kept = keep.nonzero().squeeze(1)
         self.lp0 = self.logp.reshape(-1, self.logp.shape[-1])[kept]
@@ -180,29 +177,25 @@ class _FastForward(_Forward):
         self.tgt, self.has_tgt = tgt.flatten()[kept], self.pred.flatten()[kept]
 
     def _capture(self, cap, cache_layers) -> list:
-        def keep_to(store, key):
+        def out_to(store, key):
             return lambda module, args, out: store.__setitem__(key, _first(out))
 
-        handles = []
+        def args_to(store, key):
+            return lambda module, args, kwargs: store.__setitem__(key, (args, kwargs))
+
+        hooks = []  # (module, pre-hook keeping its call arguments or None, hook keeping its output)
         for i, layer in enumerate(self.layers):
-            handles.append(layer.register_forward_pre_hook(
-                lambda m, a, kw, i=i: self.calls.__setitem__(i, (a, kw)), with_kwargs=True))
-            handles.append(layer.register_forward_hook(keep_to(cap["out"], i)))
+            hooks.append((layer, args_to(self.calls, i), out_to(cap["out"], i)))
             if isinstance(getattr(layer, "self_attn", None), nn.Module):
-                handles.append(layer.self_attn.register_forward_hook(keep_to(cap["attn"], i)))
+                hooks.append((layer.self_attn, None, out_to(cap["attn"], i)))
         for i in self.adapter.moe_layers():
-            block = self.adapter.moe_block(i)
-            handles.append(block.register_forward_pre_hook(
-                lambda m, a, kw, i=i: cap["block"].__setitem__(i, (a, kw)), with_kwargs=True))
-            handles.append(block.register_forward_hook(keep_to(cap["moe"], i)))
+            hooks.append((self.adapter.moe_block(i), args_to(cap["block"], i), out_to(cap["moe"], i)))
         for i in cache_layers:
             block = self.adapter.moe_block(i)
-            experts = getattr(block, self.adapter.experts_attr)
-            handles.append(experts.register_forward_pre_hook(
-                lambda m, a, kw, i=i: cap["xin"].__setitem__(i, (a[0], *_experts_inputs(a, kw))), with_kwargs=True))
-            handles.append(experts.register_forward_hook(keep_to(cap["xout"], i)))
-            handles.append(getattr(block, self.adapter.router_attr).register_forward_hook(keep_to(cap["logits"], i)))
-        return handles
+            hooks += [(getattr(block, self.adapter.experts_attr), args_to(cap["xin"], i), out_to(cap["xout"], i)),
+                      (getattr(block, self.adapter.router_attr), None, out_to(cap["logits"], i))]
+        handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m, pre, _ in hooks if pre]
+        return handles + [m.register_forward_hook(post) for m, _, post in hooks]
 
     def _check_head(self, last: torch.Tensor) -> bool:
         """Whether final norm + LM head on the last block's output give the model's logits."""
@@ -215,10 +208,12 @@ class _FastForward(_Forward):
             lp = torch.log_softmax(head(norm(rows)).float(), -1)
         return torch.allclose(lp, self.logp.reshape(-1, lp.shape[-1])[:len(rows)], rtol=1e-4, atol=1e-4)
 
-    def _entry(self, i: int, cap) -> None:
+    def _entry(self, i: int, cap, start: bool) -> None:
         """How an override starting at block i restarts: after attention (MoE only) or the whole block."""
         args, kwargs = self.calls[i]
         self.calls[i] = (args[1:], kwargs)
+        if not start:
+            return
         if i in cap["attn"] and i in cap["moe"]:
             mid = args[0] + cap["attn"][i]
             if mid.shape == cap["moe"][i].shape and torch.equal(mid + cap["moe"][i], cap["out"][i]):
@@ -228,14 +223,15 @@ class _FastForward(_Forward):
 
     def _cache(self, layer: int, cap) -> None:
         """The outputs of every token's k+1 best experts at ``layer`` (ascending expert ids)."""
-        if layer not in cap["xin"] or self.entry[layer][0] != "mid":
+        if layer not in cap["xin"] or self.entry[layer][0] != "mid" or not cap["xin"][layer][0]:
             return
-        x, idx, w = cap["xin"][layer]
+        args, kwargs = cap["xin"][layer]
+        x, (idx, w) = args[0], _experts_inputs(args, kwargs)
         block = self.adapter.moe_block(layer)
         experts = getattr(block, self.adapter.experts_attr)
         width = min(self.adapter.top_k() + 1, scored_experts(self.adapter))
         with torch.inference_mode():
-            ids = reroute(self.adapter, block, cap["logits"][layer], LayerPlan("topk", width))[0]
+            ids = intervene.reroute(self.adapter, block, cap["logits"][layer], LayerPlan("topk", width))[0]
             ids = ids.sort(-1).values.to(idx.device, idx.dtype)
             ones = torch.ones(len(ids), 1, dtype=w.dtype, device=w.device)
             ys = torch.stack([type(experts).forward(experts, x, ids[:, j:j + 1], ones) for j in range(width)], 1)
@@ -249,11 +245,11 @@ class _FastForward(_Forward):
         """``(the last block's output, counts or None, same)`` under ``override`` (which touches no layer
         before ``start``); ``same``: whether ``same_as`` at every MoE layer would have routed every token
         alike (same experts, same weights), so that its forward would be this one."""
-        entry, logits = self.entry[start], {}
-        routers = [getattr(self.adapter.moe_block(i), self.adapter.router_attr) for i in self.adapter.moe_layers()]
+        entry, logits, moe = self.entry[start], {}, self.adapter.moe_layers()
         with override_routing(self.model, override, record=record) as active, contextlib.ExitStack() as hooks:
-            for i, r in zip(self.adapter.moe_layers(), routers if same_as else []):
-                hooks.callback(r.register_forward_hook(lambda m, a, o, i=i: logits.__setitem__(i, o[0])).remove)
+            for i in moe if same_as else ():
+                router = getattr(self.adapter.moe_block(i), self.adapter.router_attr)
+                hooks.callback(router.register_forward_hook(lambda m, a, o, i=i: logits.__setitem__(i, o[0])).remove)
             if entry[0] == "mid":
                 h = entry[1] + _first(self._moe(start, *entry[2]))
                 start += 1
@@ -264,8 +260,8 @@ class _FastForward(_Forward):
                 h = _first(self.layers[i](h, *args, **kwargs))
         counts = ({layer: c.cpu().numpy()[self.keep.cpu().numpy()] for layer, c in active.counts.items()}
                   if record else None)
-        same = same_as is not None and len(logits) == len(routers) and all(
-            _same_routing(self.adapter, self.adapter.moe_block(i), x, active.plans[i], same_as)
+        same = same_as is not None and len(logits) == len(moe) and all(
+            intervene.same_routing(self.adapter, self.adapter.moe_block(i), x, active.plans[i], same_as)
             for i, x in logits.items())
         return h, counts, same
 
@@ -302,15 +298,6 @@ class _FastForward(_Forward):
             ces[c] = -lq.gather(-1, self.tgt[c, None]).squeeze(-1)
         ces[~self.has_tgt] = float("nan")
         return kls.cpu().numpy(), ces.cpu().numpy()
-
-
-def _same_routing(adapter, block, logits: torch.Tensor, a: LayerPlan, b: LayerPlan) -> bool:
-    """Whether plans ``a`` and ``b`` give every token the same experts with the same weights."""
-    (ia, wa, va), (ib, wb, vb) = (reroute(adapter, block, logits, plan) for plan in (a, b))
-    if ia.shape != ib.shape or not (bool(va.all()) and bool(vb.all())):
-        return False
-    oa, ob = ia.sort(-1), ib.sort(-1)
-    return torch.equal(oa.values, ob.values) and torch.equal(wa.gather(1, oa.indices), wb.gather(1, ob.indices))
 
 
 def _combine(ids, ys, idx, w):
@@ -429,7 +416,7 @@ def _collect(cfg: RoutingAnalysisConfig, model, tokenizer, adapter, grid: _Grid,
     device = first_device(model)
     acc: dict[str, list] = {key: [] for key in ("tokens", "ce_own", "own", "topk_kl", "topk_ce", "layer_kl",
                                                  "topp_kl", "topp_ce", "topp_n", "abl_ce")}
-    cache_layers = sorted({grid.moe[0], *grid.view_layers, *grid.abl_layers})
+    starts = sorted({grid.moe[0], *grid.view_layers, *grid.abl_layers})
     done = 0
     bar = tqdm(total=cfg.max_tokens, unit="tok", unit_scale=True, desc="analyze-routing", disable=not cfg.progress,
                dynamic_ncols=True)
@@ -441,7 +428,7 @@ def _collect(cfg: RoutingAnalysisConfig, model, tokenizer, adapter, grid: _Grid,
             keep &= torch.cumsum(keep.long(), 0) <= cfg.max_tokens - done
             args = (model, adapter, torch.from_numpy(batch.input_ids).to(device),
                     torch.from_numpy(batch.attention_mask).to(device), keep.to(device))
-            fw = _FastForward(*args, cache_layers=cache_layers) if fast else _Forward(*args)
+            fw = _FastForward(*args, starts=starts) if fast else _Forward(*args)
             acc["tokens"].append(token_rows(batch, builder, token_text, keep.numpy()))
             acc["ce_own"].append(fw.ce_own)
             acc["own"].append(fw.own_counts)
@@ -480,17 +467,16 @@ def _fast_views(fw: _FastForward, grid: _Grid, cfg: RoutingAnalysisConfig) -> di
     first, n = grid.moe[0], len(fw.ce_own)
     out: dict[str, dict] = {"topk_kl": {}, "topk_ce": {}, "layer_kl": {}, "topp_kl": {}, "topp_ce": {},
                             "topp_n": {}, "abl_ce": {}}
-    full = LayerPlan("topp", 1.0) if 1.0 in cfg.p_grid and grid.k_grid[-1] == scored_experts(fw.adapter) else None
+    full, reuse = LayerPlan("topp", 1.0) if 1.0 in cfg.p_grid else None, None
     for kk in grid.k_grid:
         if kk == grid.k:
             out["topk_kl"][kk], out["topk_ce"][kk] = np.zeros(n, np.float32), fw.ce_own.copy()
             continue
-        check = full if kk == grid.k_grid[-1] else None
+        check = full if kk == scored_experts(fw.adapter) else None
         h, counts, same = fw.final(first, RoutingOverride.of("topk", kk), record=bool(check), same_as=check)
         out["topk_kl"][kk], out["topk_ce"][kk] = fw.head(h)
         if same:  # topp:1 routes like topk:E (every expert, the same weights): the same forward
-            out["topp_kl"][1.0], out["topp_ce"][1.0] = out["topk_kl"][kk], out["topk_ce"][kk]
-            out["topp_n"][1.0] = counts
+            reuse = (out["topk_kl"][kk], out["topk_ce"][kk], counts)
     for layer in grid.view_layers:
         undecided = np.ones(n, bool)
         for kk in grid.small:
@@ -501,25 +487,14 @@ def _fast_views(fw: _FastForward, grid: _Grid, cfg: RoutingAnalysisConfig) -> di
                 undecided &= ~(kl <= min(cfg.eps))
             out["layer_kl"][(layer, kk)] = kl
     for p in cfg.p_grid:
-        if p not in out["topp_kl"]:
-            h, counts, _ = fw.final(first, RoutingOverride.of("topp", p), record=True)
-            (out["topp_kl"][p], out["topp_ce"][p]), out["topp_n"][p] = fw.head(h), counts
-    out["topp_kl"], out["topp_ce"], out["topp_n"] = ({p: d[p] for p in cfg.p_grid}
-                                                     for d in (out["topp_kl"], out["topp_ce"], out["topp_n"]))
+        if p == 1 and reuse is not None:
+            out["topp_kl"][p], out["topp_ce"][p], out["topp_n"][p] = reuse
+            continue
+        h, counts, _ = fw.final(first, RoutingOverride.of("topp", p), record=True)
+        (out["topp_kl"][p], out["topp_ce"][p]), out["topp_n"][p] = fw.head(h), counts
     for layer in grid.abl_layers:
         for e in grid.experts:
             out["abl_ce"][(layer, e)] = fw.head(fw.final(layer, RoutingOverride.of("ablate", [e], [layer]))[0],
                                                 kl=False)[1]
     return out
 
-
-DEFINITIONS = {
-    "kl": "KL(own routing || overridden routing) of the next-token distribution, nats, mean over real tokens",
-    "ce": "next-token cross-entropy over real positions with a real next token; ce_increase = ce - ce of own routing",
-    "needed_k": "smallest k' of the grid with KL(topk:k') <= eps (k when none below k fits); scope 'all': the "
-                "override at every MoE layer, scope 'layer': at that layer only",
-    "compute_saved": "1 - mean needed_k / k (routed-expert FFN compute)",
-    "n_active": "real experts a token used at a layer (zero-computation experts excluded)",
-    "topp": "smallest set of experts whose router probabilities sum to >= p, at every MoE layer",
-    "ablation": "expert e removed at layer L (router logit -inf, the family's rule picks the rest)",
-}

@@ -14,6 +14,18 @@ import pandas as pd
 ALL = "all"
 
 
+DEFINITIONS = {
+    "kl": "KL(own routing || overridden routing) of the next-token distribution, nats, mean over real tokens",
+    "ce": "next-token cross-entropy over real positions with a real next token; ce_increase = ce - ce of own routing",
+    "needed_k": "smallest k' of the grid with KL(topk:k') <= eps (k when none below k fits); scope 'all': the "
+                "override at every MoE layer, scope 'layer': at that layer only",
+    "compute_saved": "1 - mean needed_k / k (routed-expert FFN compute)",
+    "n_active": "real experts a token used at a layer (zero-computation experts excluded)",
+    "topp": "smallest set of experts whose router probabilities sum to >= p, at every MoE layer",
+    "ablation": "expert e removed at layer L (router logit -inf, the family's rule picks the rest)",
+}
+
+
 def _cat(parts: list[dict]) -> dict:
     """Per-batch ``{key: array}`` dicts -> one ``{key: concatenated array}``."""
     return {key: np.concatenate([p[key] for p in parts]) for key in (parts[0] if parts else {})}
@@ -154,9 +166,9 @@ def compare_tables(a, b, loss_tol: float = 1e-5, token_tol: float = 0.001) -> li
         ta, tb = (t.pivot_table(index=keys + ["domain"], columns=value, values="tokens", fill_value=0, dropna=False)
                   for t in (a[name], b[name]))
         ta, tb = ta.align(tb, fill_value=0)
-        n = ta.sum(1)
-        moved = (ta - tb).abs().sum(1) / 2
-        if not n.equals(tb.sum(1)):
+        n = ta.sum(axis=1)
+        moved = (ta - tb).abs().sum(axis=1) / 2
+        if not n.equals(tb.sum(axis=1)):
             out.append(f"{name}: token counts differ")
         elif (moved > np.floor(token_tol * n)).any():
             out.append(f"{name}: {int(moved.max())} tokens of a group changed {value}")
