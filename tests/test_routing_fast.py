@@ -120,3 +120,16 @@ def test_compare_tables_flags_differences(tiny_ckpt, corpus_jsonl, tmp_path):
         t.index != 0, t["needed_k_eps0.01"] % 2 + 1)))
     assert changed("experts_per_token", lambda t: t.__setitem__("tokens", t["tokens"] + (t.index == 0)))
     assert changed("loss_by_k", lambda t: t.__setitem__("tokens", t["tokens"] + 1))
+
+
+def test_bench_routing_smoke(tiny_ckpt, corpus_jsonl, tmp_path):
+    """bench/routing.py runs both paths on a tiny model and finds their tables alike; no assertion on speed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_routing", ROOT / "bench" / "routing.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    lines: list[str] = []
+    r = bench.bench(str(tiny_ckpt("olmoe")), str(corpus_jsonl), tokens=48, batch_size=2, ctx=24, ablate_layers="1",
+                    repeats=1, workdir=tmp_path, log=lines.append, split="train")
+    assert r["problems"] == [] and r["ratio_cpu"] > 0 and r["fast"]["wall"] > 0 and len(lines) == 2
