@@ -27,6 +27,7 @@ Tables (Parquet) and ``summary.json`` go to ``OUT``; see :func:`analyze_routing`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,14 +35,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from routesae.analyze.routing_tables import routing_tables
+from routesae.analyze.routing_tables import DEFINITIONS, routing_tables
 from routesae.atomic import atomic_path, atomic_write_json
 from routesae.capture import token_rows, token_strings
 from routesae.corpus import ContextBuilder, CorpusConfig, iter_documents
 from routesae.layers import parse_layers
-from routesae.models.intervene import RoutingOverride, override_routing, scored_experts
-from routesae.models.load import ModelConfig, decoder_layers, first_device, load_model
+from routesae.models import intervene
+from routesae.models.adapters import _experts_inputs
+from routesae.models.intervene import LayerPlan, RoutingOverride, override_routing, scored_experts
+from routesae.models.load import ModelConfig, base_model, decoder_layers, first_device, load_model
 from routesae.models.routers import adapter_for
 
 log = logging.getLogger(__name__)
@@ -135,6 +139,180 @@ class _Forward:
         return kl, self._ce(logp), counts
 
 
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _FastForward(_Forward):
+    """:class:`_Forward`'s numbers for less compute. The model's own pass also keeps what an override
+    starting at a block of ``starts`` replays: the blocks' call arguments, the residual after attention
+    and the MoE input (where the block checks out as ``h + attn + moe``), and the outputs of each token's
+    k+1 best experts (where their weighted sum checks out as the experts' output). An override at layer
+    L then recomputes that MoE (from the cached outputs when they hold every chosen expert) and the
+    blocks after it; the head (final norm, LM head, log-softmax) runs over analysed tokens, in row
+    chunks. ``ok`` False (head or call arguments not as expected): use the full forwards of ``run``."""
+
+    def __init__(self, model, adapter, ids, mask, keep, starts=()):
+        rows = keep.view(ids.shape).any(1)  # sequences holding no analysed token are not run
+        ids, mask, keep = ids[rows], mask[rows], keep.view(ids.shape)[rows].flatten()
+        self.adapter, self.layers = adapter, decoder_layers(model)
+        self.calls, self.entry, self.cache = {}, {}, {}
+        cap: dict[str, dict] = {key: {} for key in ("attn", "out", "block", "moe", "xin", "xout", "logits")}
+        handles = self._capture(cap, starts if adapter.experts_get_decision else ())
+        try:
+            super().__init__(model, adapter, ids, mask, keep)
+        finally:
+            for h in handles:
+                h.remove()
+        self.ok = self._check_head(cap["out"][len(self.layers) - 1]) and all(self.calls[i][0] for i in self.calls)
+        for i in range(len(self.layers) if self.ok else 0):
+            self._entry(i, cap, i in starts)
+        for layer in starts if self.ok else ():
+            self._cache(layer, cap)
+        kept = keep.nonzero().squeeze(1)
+        self.lp0 = self.logp.reshape(-1, self.logp.shape[-1])[kept]
+        self.p0 = self.lp0.exp()
+        tgt = torch.zeros_like(ids)
+        tgt[:, :-1] = ids[:, 1:]
+        self.tgt, self.has_tgt = tgt.flatten()[kept], self.pred.flatten()[kept]
+
+    def _capture(self, cap, cache_layers) -> list:
+        def out_to(store, key):
+            return lambda module, args, out: store.__setitem__(key, _first(out))
+
+        def args_to(store, key):
+            return lambda module, args, kwargs: store.__setitem__(key, (args, kwargs))
+
+        hooks = []  # (module, pre-hook keeping its call arguments or None, hook keeping its output)
+        for i, layer in enumerate(self.layers):
+            hooks.append((layer, args_to(self.calls, i), out_to(cap["out"], i)))
+            if isinstance(getattr(layer, "self_attn", None), nn.Module):
+                hooks.append((layer.self_attn, None, out_to(cap["attn"], i)))
+        for i in self.adapter.moe_layers():
+            hooks.append((self.adapter.moe_block(i), args_to(cap["block"], i), out_to(cap["moe"], i)))
+        for i in cache_layers:
+            block = self.adapter.moe_block(i)
+            hooks += [(getattr(block, self.adapter.experts_attr), args_to(cap["xin"], i), out_to(cap["xout"], i)),
+                      (getattr(block, self.adapter.router_attr), None, out_to(cap["logits"], i))]
+        handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m, pre, _ in hooks if pre]
+        return handles + [m.register_forward_hook(post) for m, _, post in hooks]
+
+    def _check_head(self, last: torch.Tensor) -> bool:
+        """Whether final norm + LM head on the last block's output give the model's logits."""
+        norm, head = getattr(base_model(self.model), "norm", None), self.model.get_output_embeddings()
+        if not isinstance(norm, nn.Module) or head is None:
+            return False
+        self.norm, self.lm_head = norm, head
+        with torch.inference_mode():
+            rows = last.reshape(-1, last.shape[-1])[:64]
+            lp = torch.log_softmax(head(norm(rows)).float(), -1)
+        return torch.allclose(lp, self.logp.reshape(-1, lp.shape[-1])[:len(rows)], rtol=1e-4, atol=1e-4)
+
+    def _entry(self, i: int, cap, start: bool) -> None:
+        """How an override starting at block i restarts: after attention (MoE only) or the whole block."""
+        args, kwargs = self.calls[i]
+        self.calls[i] = (args[1:], kwargs)
+        if not start:
+            return
+        if i in cap["attn"] and i in cap["moe"]:
+            mid = args[0] + cap["attn"][i]
+            if mid.shape == cap["moe"][i].shape and torch.equal(mid + cap["moe"][i], cap["out"][i]):
+                self.entry[i] = ("mid", mid, cap["block"][i])
+                return
+        self.entry[i] = ("block", args[0])
+
+    def _cache(self, layer: int, cap) -> None:
+        """The outputs of every token's k+1 best experts at ``layer`` (ascending expert ids)."""
+        if layer not in cap["xin"] or self.entry[layer][0] != "mid" or not cap["xin"][layer][0]:
+            return
+        args, kwargs = cap["xin"][layer]
+        x, (idx, w) = args[0], _experts_inputs(args, kwargs)
+        block = self.adapter.moe_block(layer)
+        experts = getattr(block, self.adapter.experts_attr)
+        width = min(self.adapter.top_k() + 1, scored_experts(self.adapter))
+        with torch.inference_mode():
+            ids = intervene.reroute(self.adapter, block, cap["logits"][layer], LayerPlan("topk", width))[0]
+            ids = ids.sort(-1).values.to(idx.device, idx.dtype)
+            ones = torch.ones(len(ids), 1, dtype=w.dtype, device=w.device)
+            ys = torch.stack([type(experts).forward(experts, x, ids[:, j:j + 1], ones) for j in range(width)], 1)
+            got = _combine(ids, ys, idx, w)
+        ref = cap["xout"][layer]
+        if got is not None and torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max())):
+            self.cache[layer] = (ids, ys)
+
+    @torch.inference_mode()
+    def final(self, start: int, override: RoutingOverride, record: bool = False, same_as: LayerPlan | None = None):
+        """``(the last block's output, counts or None, same)`` under ``override`` (which touches no layer
+        before ``start``); ``same``: whether ``same_as`` at every MoE layer would have routed every token
+        alike (same experts, same weights), so that its forward would be this one."""
+        entry, logits, moe = self.entry[start], {}, self.adapter.moe_layers()
+        with override_routing(self.model, override, record=record) as active, contextlib.ExitStack() as hooks:
+            for i in moe if same_as else ():
+                router = getattr(self.adapter.moe_block(i), self.adapter.router_attr)
+                hooks.callback(router.register_forward_hook(lambda m, a, o, i=i: logits.__setitem__(i, o[0])).remove)
+            if entry[0] == "mid":
+                h = entry[1] + _first(self._moe(start, *entry[2]))
+                start += 1
+            else:
+                h = entry[1]
+            for i in range(start, len(self.layers)):
+                args, kwargs = self.calls[i]
+                h = _first(self.layers[i](h, *args, **kwargs))
+        counts = ({layer: c.cpu().numpy()[self.keep.cpu().numpy()] for layer, c in active.counts.items()}
+                  if record else None)
+        same = same_as is not None and len(logits) == len(moe) and all(
+            intervene.same_routing(self.adapter, self.adapter.moe_block(i), x, active.plans[i], same_as)
+            for i, x in logits.items())
+        return h, counts, same
+
+    def _moe(self, layer: int, args, kwargs):
+        block = self.adapter.moe_block(layer)
+        if layer not in self.cache:
+            return block(*args, **kwargs)
+        experts, (ids, ys) = getattr(block, self.adapter.experts_attr), self.cache[layer]
+        full = experts.forward
+
+        def cached(hidden, *a, **kw):
+            out = _combine(ids, ys, *_experts_inputs((hidden, *a), kw))
+            return full(hidden, *a, **kw) if out is None else out
+
+        experts.forward = cached
+        try:
+            return block(*args, **kwargs)
+        finally:
+            del experts.forward
+
+    @torch.inference_mode()
+    def head(self, h: torch.Tensor, rows: torch.Tensor | None = None, kl: bool = True):
+        """``(kl [n], ce [n])`` of the analysed tokens (NaN outside ``rows`` and, for CE, without a next token)."""
+        x = h.reshape(-1, h.shape[-1])[self.keep]
+        n = len(x)
+        sel = torch.arange(n, device=x.device) if rows is None else rows.to(x.device).nonzero().squeeze(1)
+        kls = torch.full((n,), float("nan"), device=x.device)
+        ces = torch.full((n,), float("nan"), device=x.device)
+        step = max(1, (2 ** 19 if x.device.type == "cpu" else 2 ** 25) // self.lp0.shape[-1])
+        for c in sel.split(step):
+            lq = torch.log_softmax(self.lm_head(self.norm(x[c])).float(), -1)
+            if kl:
+                kls[c] = (self.p0[c] * (self.lp0[c] - lq)).sum(-1).clamp_min(0)
+            ces[c] = -lq.gather(-1, self.tgt[c, None]).squeeze(-1)
+        ces[~self.has_tgt] = float("nan")
+        return kls.cpu().numpy(), ces.cpu().numpy()
+
+
+def _combine(ids, ys, idx, w):
+    """Experts' output from cached per-expert outputs ``ys`` [n, K, d] of experts ``ids`` [n, K]
+    (ascending, as the experts loop adds them) for routing ``(idx, w)``; None if one is not cached."""
+    match = idx.unsqueeze(-1) == ids.unsqueeze(1)
+    if not bool((match.any(-1) | (w == 0)).all()):
+        return None
+    coef = (w.unsqueeze(-1).to(ys.dtype) * match).sum(1)
+    out = torch.zeros_like(ys[:, 0])
+    for j in range(ids.shape[1]):
+        out = out + coef[:, j:j + 1] * ys[:, j]
+    return out
+
+
 def _layer_subset(spec: str, moe: list[int], n_blocks: int, option: str) -> list[int]:
     if spec.strip().lower() == "none":
         return []
@@ -181,10 +359,11 @@ def _grid(cfg: RoutingAnalysisConfig, model, adapter) -> _Grid:
                  _layer_subset(cfg.ablate_layers, moe, n_blocks, "--ablate-layers"), experts)
 
 
-def analyze_routing(cfg: RoutingAnalysisConfig, model=None, tokenizer=None) -> Path:
+def analyze_routing(cfg: RoutingAnalysisConfig, model=None, tokenizer=None, fast: bool = True) -> Path:
     """Write the dynamic-routing tables and ``summary.json`` into ``cfg.out``; returns that folder.
 
-    ``model`` / ``tokenizer``: an already loaded Hugging Face MoE causal LM (else ``cfg.model`` is loaded)."""
+    ``model`` / ``tokenizer``: an already loaded Hugging Face MoE causal LM (else ``cfg.model`` is loaded).
+    ``fast=False`` runs every override as a full forward (the reference the fast path is tested against)."""
     t0 = time.time()
     if model is None:
         model, tokenizer = load_model(ModelConfig(cfg.model, cfg.dtype, cfg.device, None, cfg.trust_remote_code))
@@ -200,7 +379,7 @@ def analyze_routing(cfg: RoutingAnalysisConfig, model=None, tokenizer=None) -> P
             model, "set_experts_implementation"):
         model.set_experts_implementation("eager")
     try:
-        acc, done = _collect(cfg, model, tokenizer, adapter, grid)
+        acc, done = _collect(cfg, model, tokenizer, adapter, grid, fast)
     finally:
         if previous not in (None, "eager") and model.config._experts_implementation != previous:
             model.set_experts_implementation(previous)
@@ -226,7 +405,8 @@ def analyze_routing(cfg: RoutingAnalysisConfig, model=None, tokenizer=None) -> P
     return out
 
 
-def _collect(cfg: RoutingAnalysisConfig, model, tokenizer, adapter, grid: _Grid) -> tuple[dict[str, list], int]:
+def _collect(cfg: RoutingAnalysisConfig, model, tokenizer, adapter, grid: _Grid,
+             fast: bool = True) -> tuple[dict[str, list], int]:
     """Per-batch arrays of every view (see routing_tables for their layout) and the tokens read."""
     from tqdm.auto import tqdm
 
@@ -236,6 +416,7 @@ def _collect(cfg: RoutingAnalysisConfig, model, tokenizer, adapter, grid: _Grid)
     device = first_device(model)
     acc: dict[str, list] = {key: [] for key in ("tokens", "ce_own", "own", "topk_kl", "topk_ce", "layer_kl",
                                                  "topp_kl", "topp_ce", "topp_n", "abl_ce")}
+    starts = sorted({grid.moe[0], *grid.view_layers, *grid.abl_layers})
     done = 0
     bar = tqdm(total=cfg.max_tokens, unit="tok", unit_scale=True, desc="analyze-routing", disable=not cfg.progress,
                dynamic_ncols=True)
@@ -245,22 +426,15 @@ def _collect(cfg: RoutingAnalysisConfig, model, tokenizer, adapter, grid: _Grid)
                 break
             keep = torch.from_numpy(batch.attention_mask.reshape(-1).astype(bool))
             keep &= torch.cumsum(keep.long(), 0) <= cfg.max_tokens - done
-            fw = _Forward(model, adapter, torch.from_numpy(batch.input_ids).to(device),
-                          torch.from_numpy(batch.attention_mask).to(device), keep.to(device))
+            args = (model, adapter, torch.from_numpy(batch.input_ids).to(device),
+                    torch.from_numpy(batch.attention_mask).to(device), keep.to(device))
+            fw = _FastForward(*args, starts=starts) if fast else _Forward(*args)
             acc["tokens"].append(token_rows(batch, builder, token_text, keep.numpy()))
             acc["ce_own"].append(fw.ce_own)
             acc["own"].append(fw.own_counts)
-            runs = {kk: fw.run(RoutingOverride.of("topk", kk)) for kk in grid.k_grid}
-            acc["topk_kl"].append({kk: r[0] for kk, r in runs.items()})
-            acc["topk_ce"].append({kk: r[1] for kk, r in runs.items()})
-            acc["layer_kl"].append({(layer, kk): fw.run(RoutingOverride.of("topk", kk, [layer]))[0]
-                                    for layer in grid.view_layers for kk in grid.small})
-            runs = {p: fw.run(RoutingOverride.of("topp", p), record=True) for p in cfg.p_grid}
-            acc["topp_kl"].append({p: r[0] for p, r in runs.items()})
-            acc["topp_ce"].append({p: r[1] for p, r in runs.items()})
-            acc["topp_n"].append({p: r[2] for p, r in runs.items()})
-            acc["abl_ce"].append({(layer, e): fw.run(RoutingOverride.of("ablate", [e], [layer]))[1]
-                                  for layer in grid.abl_layers for e in grid.experts})
+            views = _fast_views(fw, grid, cfg) if fast and fw.ok else _views(fw, grid, cfg)
+            for key, value in views.items():
+                acc[key].append(value)
             n = int(keep.sum())
             done += n
             bar.update(n)
@@ -271,13 +445,56 @@ def _collect(cfg: RoutingAnalysisConfig, model, tokenizer, adapter, grid: _Grid)
     return acc, done
 
 
-DEFINITIONS = {
-    "kl": "KL(own routing || overridden routing) of the next-token distribution, nats, mean over real tokens",
-    "ce": "next-token cross-entropy over real positions with a real next token; ce_increase = ce - ce of own routing",
-    "needed_k": "smallest k' of the grid with KL(topk:k') <= eps (k when none below k fits); scope 'all': the "
-                "override at every MoE layer, scope 'layer': at that layer only",
-    "compute_saved": "1 - mean needed_k / k (routed-expert FFN compute)",
-    "n_active": "real experts a token used at a layer (zero-computation experts excluded)",
-    "topp": "smallest set of experts whose router probabilities sum to >= p, at every MoE layer",
-    "ablation": "expert e removed at layer L (router logit -inf, the family's rule picks the rest)",
-}
+def _views(fw: _Forward, grid: _Grid, cfg: RoutingAnalysisConfig) -> dict[str, dict]:
+    """One batch's views, one full forward per override (the reference)."""
+    out: dict[str, dict] = {}
+    runs = {kk: fw.run(RoutingOverride.of("topk", kk)) for kk in grid.k_grid}
+    out["topk_kl"], out["topk_ce"] = {kk: r[0] for kk, r in runs.items()}, {kk: r[1] for kk, r in runs.items()}
+    out["layer_kl"] = {(layer, kk): fw.run(RoutingOverride.of("topk", kk, [layer]))[0]
+                       for layer in grid.view_layers for kk in grid.small}
+    runs = {p: fw.run(RoutingOverride.of("topp", p), record=True) for p in cfg.p_grid}
+    out["topp_kl"], out["topp_ce"] = {p: r[0] for p, r in runs.items()}, {p: r[1] for p, r in runs.items()}
+    out["topp_n"] = {p: r[2] for p, r in runs.items()}
+    out["abl_ce"] = {(layer, e): fw.run(RoutingOverride.of("ablate", [e], [layer]))[1]
+                     for layer in grid.abl_layers for e in grid.experts}
+    return out
+
+
+def _fast_views(fw: _FastForward, grid: _Grid, cfg: RoutingAnalysisConfig) -> dict[str, dict]:
+    """:func:`_views` from :class:`_FastForward`: ``topk:k`` is the model itself (KL 0, its own CE); the
+    by-layer view stops per token once its KL fits the smallest eps (larger k' cannot lower its needed
+    k'), leaving NaN, and skips a k' once every token is decided; ablation computes CE only."""
+    first, n = grid.moe[0], len(fw.ce_own)
+    out: dict[str, dict] = {"topk_kl": {}, "topk_ce": {}, "layer_kl": {}, "topp_kl": {}, "topp_ce": {},
+                            "topp_n": {}, "abl_ce": {}}
+    full, reuse = LayerPlan("topp", 1.0) if 1.0 in cfg.p_grid else None, None
+    for kk in grid.k_grid:
+        if kk == grid.k:
+            out["topk_kl"][kk], out["topk_ce"][kk] = np.zeros(n, np.float32), fw.ce_own.copy()
+            continue
+        check = full if kk == scored_experts(fw.adapter) else None
+        h, counts, same = fw.final(first, RoutingOverride.of("topk", kk), record=bool(check), same_as=check)
+        out["topk_kl"][kk], out["topk_ce"][kk] = fw.head(h)
+        if same:  # topp:1 routes like topk:E (every expert, the same weights): the same forward
+            reuse = (out["topk_kl"][kk], out["topk_ce"][kk], counts)
+    for layer in grid.view_layers:
+        undecided = np.ones(n, bool)
+        for kk in grid.small:
+            kl = np.full(n, np.nan, np.float32)
+            if undecided.any():
+                h = fw.final(layer, RoutingOverride.of("topk", kk, [layer]))[0]
+                kl = fw.head(h, rows=torch.from_numpy(undecided))[0]
+                undecided &= ~(kl <= min(cfg.eps))
+            out["layer_kl"][(layer, kk)] = kl
+    for p in cfg.p_grid:
+        if p == 1 and reuse is not None:
+            out["topp_kl"][p], out["topp_ce"][p], out["topp_n"][p] = reuse
+            continue
+        h, counts, _ = fw.final(first, RoutingOverride.of("topp", p), record=True)
+        (out["topp_kl"][p], out["topp_ce"][p]), out["topp_n"][p] = fw.head(h), counts
+    for layer in grid.abl_layers:
+        for e in grid.experts:
+            out["abl_ce"][(layer, e)] = fw.head(fw.final(layer, RoutingOverride.of("ablate", [e], [layer]))[0],
+                                                kl=False)[1]
+    return out
+

@@ -5,12 +5,25 @@ Every table has a ``domain`` column with one row group per corpus domain plus ``
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 ALL = "all"
+
+
+DEFINITIONS = {
+    "kl": "KL(own routing || overridden routing) of the next-token distribution, nats, mean over real tokens",
+    "ce": "next-token cross-entropy over real positions with a real next token; ce_increase = ce - ce of own routing",
+    "needed_k": "smallest k' of the grid with KL(topk:k') <= eps (k when none below k fits); scope 'all': the "
+                "override at every MoE layer, scope 'layer': at that layer only",
+    "compute_saved": "1 - mean needed_k / k (routed-expert FFN compute)",
+    "n_active": "real experts a token used at a layer (zero-computation experts excluded)",
+    "topp": "smallest set of experts whose router probabilities sum to >= p, at every MoE layer",
+    "ablation": "expert e removed at layer L (router logit -inf, the family's rule picks the rest)",
+}
 
 
 def _cat(parts: list[dict]) -> dict:
@@ -119,3 +132,79 @@ def routing_tables(acc: dict[str, list], k: int, k_grid: list[int], eps: list[fl
         "domains": {dom: int(sel.sum()) for dom, sel in groups if dom != ALL},
     }
     return tables, headline
+
+
+
+# ---------------------------------------------------------------- two runs' tables, compared
+
+_LOSSES = {"loss_by_k": ["k"], "topp": ["p"], "ablation": ["layer", "expert"]}  # table: keys besides domain
+_COUNTS = {"needed_experts": (["scope", "layer", "eps"], "needed_k"),
+           "experts_per_token": (["override", "p", "layer"], "n_active")}
+
+
+def compare_tables(a, b, loss_tol: float = 1e-5, token_tol: float = 0.001) -> list[str]:
+    """What differs between two ``analyze-routing`` outputs (folders or ``{name: DataFrame}``) beyond
+    tolerance; an empty list when they agree.
+
+    Losses (``ce``, ``ce_increase``, ``kl``) within ``loss_tol`` nats. Per-token integers (needed k',
+    real experts per token) may differ for at most ``floor(token_tol * n)`` of a group's n tokens
+    (none in groups under 1 / token_tol tokens); the statistics made from them (``fraction``,
+    ``mean_needed_k``, ``compute_saved``, ``mean_experts``) may move by what that many tokens can
+    move. Row keys, token counts and every other column must be identical."""
+    a, b = _tables(a), _tables(b)
+    out: list[str] = []
+    for name, keys in _LOSSES.items():
+        x, y = _aligned(a[name], b[name], keys + ["domain"], name, out)
+        if x is None:
+            continue
+        allowed = np.floor(token_tol * x["tokens"]) / x["tokens"]
+        for col in ("ce", "ce_increase", "kl", "mean_experts"):
+            if col in x:
+                tol = allowed * x[col].abs().max() if col == "mean_experts" else loss_tol
+                _close(x[col], y[col], tol + 1e-9, f"{name}.{col}", out)
+    for name, (keys, value) in _COUNTS.items():
+        ta, tb = (t.pivot_table(index=keys + ["domain"], columns=value, values="tokens", fill_value=0, dropna=False)
+                  for t in (a[name], b[name]))
+        ta, tb = ta.align(tb, fill_value=0)
+        n = ta.sum(axis=1)
+        moved = (ta - tb).abs().sum(axis=1) / 2
+        if not n.equals(tb.sum(axis=1)):
+            out.append(f"{name}: token counts differ")
+        elif (moved > np.floor(token_tol * n)).any():
+            out.append(f"{name}: {int(moved.max())} tokens of a group changed {value}")
+    x, y = _aligned(a["compute_saved"], b["compute_saved"], ["scope", "layer", "eps", "domain"], "compute_saved", out)
+    if x is not None:
+        step = np.floor(token_tol * x["tokens"]) / x["tokens"]
+        _close(x["compute_saved"], y["compute_saved"], step + 1e-9, "compute_saved.compute_saved", out)
+        k = x["mean_needed_k"] / (1 - x["compute_saved"])
+        _close(x["mean_needed_k"], y["mean_needed_k"], step * k + 1e-9, "compute_saved.mean_needed_k", out)
+    ta, tb = a["tokens"], b["tokens"]
+    need = [c for c in ta if c.startswith("needed_k_eps")]
+    if len(ta) != len(tb) or list(ta) != list(tb) or not ta.drop(columns=need).equals(tb.drop(columns=need)):
+        out.append("tokens: the token rows differ")
+    else:
+        for col in need:
+            if (ta[col] != tb[col]).sum() > np.floor(token_tol * len(ta)):
+                out.append(f"tokens.{col}: {(ta[col] != tb[col]).sum()} of {len(ta)} tokens differ")
+    return out
+
+
+def _tables(x) -> dict[str, pd.DataFrame]:
+    if isinstance(x, dict):
+        return x
+    return {p.stem: pd.read_parquet(p) for p in Path(x).glob("*.parquet")}
+
+
+def _aligned(x: pd.DataFrame, y: pd.DataFrame, keys: list[str], name: str, out: list[str]):
+    x, y = x.sort_values(keys).reset_index(drop=True), y.sort_values(keys).reset_index(drop=True)
+    if len(x) != len(y) or not x[keys].equals(y[keys]) or not x["tokens"].equals(y["tokens"]):
+        out.append(f"{name}: rows or token counts differ")
+        return None, None
+    return x, y
+
+
+def _close(x: pd.Series, y: pd.Series, tol, label: str, out: list[str]) -> None:
+    diff = (x - y).abs()
+    bad = ~((diff <= tol) | (x.isna() & y.isna()))
+    if bad.any():
+        out.append(f"{label}: max |difference| {float(diff[bad].max()):.3g} over tolerance")

@@ -232,6 +232,16 @@ def reroute(adapter, block: nn.Module, logits: torch.Tensor, plan: LayerPlan,
     return idx, w, valid
 
 
+def same_routing(adapter, block: nn.Module, logits: torch.Tensor, a: LayerPlan, b: LayerPlan) -> bool:
+    """Whether plans ``a`` and ``b`` give every token the same experts with the same weights
+    (bit for bit, in any slot order) from router ``logits``, every slot real."""
+    (ia, wa, va), (ib, wb, vb) = (reroute(adapter, block, logits, plan) for plan in (a, b))
+    if ia.shape != ib.shape or not (bool(va.all()) and bool(vb.all())):
+        return False
+    oa, ob = ia.sort(-1), ib.sort(-1)
+    return torch.equal(oa.values, ob.values) and torch.equal(wa.gather(1, oa.indices), wb.gather(1, ob.indices))
+
+
 def _replace_inputs(args: tuple, kwargs: dict, idx: torch.Tensor, w: torch.Tensor) -> tuple[tuple, dict]:
     args, kwargs = list(args), dict(kwargs)
     for pos, names, value in ((1, _INDEX_KW, idx), (2, _WEIGHT_KW, w)):
