@@ -365,8 +365,9 @@ def test_end_to_end_headless_chromium(run_with_model, tmp_path):
         n_tokens = 1 + len(tok(typed, add_special_tokens=False)["input_ids"])  # BOS + the typed text, not the default
         assert f"{n_tokens} tokens · MoE layers 0, 1, 2, 3 · SAE layers 0, 1, 2" in text, text[:2000]
         assert f"latents fired on {n_tokens} tokens" in text and "Per token" in text
-        plots = browser.js("[...document.querySelectorAll('.js-plotly-plot')].map(p => p.textContent)")
-        assert len(plots) == 2, plots  # the experts chosen per token (routing) and the RouteSAE router
+        plots = browser.js_when("(() => { const p = [...document.querySelectorAll('.js-plotly-plot')]; "
+                                "return p.length >= 2 ? p.map(x => x.textContent) : null; })()")  # drawn lazily
+        assert plots and len(plots) == 2, plots  # the experts chosen per token (routing) and the RouteSAE router
         assert "experts chosen per token" in plots[0] and "MoE layer" in plots[0]
         assert "RouteSAE router" in plots[1]
         # two tables (lazily loaded): per token (routed layer, top latents, experts), and the latents that fired
