@@ -323,6 +323,10 @@ def test_signal_stops_streamlit_and_frees_the_port(tmp_path, sig):
             except OSError:
                 assert time.monotonic() < deadline, "the dashboard never opened its port"
                 time.sleep(0.3)
+        # the port opens before streamlit has finished starting; a signal in between can end it with status 1
+        while "You can now view" not in (tmp_path / "dashboard.log").read_text(errors="replace"):
+            assert time.monotonic() < deadline, "the dashboard never said it was ready"
+            time.sleep(0.3)
         children = psutil.Process(proc.pid).children(recursive=True)
         assert children, "streamlit runs as a child of routesae"
         os.kill(proc.pid, sig)  # routesae only, not its group
