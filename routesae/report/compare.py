@@ -17,7 +17,7 @@ import pandas as pd
 
 from routesae.report.findings import Finding, Ref, data_finding
 from routesae.report.glossary import TERMS, count, fmt, pct
-from routesae.report.load import Analysis, load_analysis, scalar
+from routesae.report.load import Analysis, _read_json, load_analysis, scalar
 
 # metrics compared, in order: (eval.json group, key, which way is better)
 METRICS = (("splice", "ce_recovered", "high"), ("splice", "ce_increase", "low"), ("splice", "kl", "low"),
@@ -28,16 +28,6 @@ METRICS = (("splice", "ce_recovered", "high"), ("splice", "ce_increase", "low"),
            ("splice", "kl_zero_ablated", None))
 HEADLINE = ("ce_increase", "kl", "ce_recovered", "nmse", "explained_variance")
 ARCH_NAMES = {"routesae": "RouteSAE", "topk": "TopK", "mlsae": "MLSAE"}
-
-
-def _read(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); rerun the stage that "
-                         f"wrote it") from exc
 
 
 @dataclass
@@ -82,14 +72,14 @@ class RunInfo:
 def load_run(path: str | Path) -> RunInfo:
     """One run's files; a one-line error when it holds no trained SAE."""
     run = Path(path).expanduser()
-    config = _read(run / "config.json")
+    config = _read_json(run / "config.json")
     if not config:
         raise FileNotFoundError(f"{run} holds no trained SAE (config.json); train one first: "
                                 f"routesae train STORE --out {run}")
     ana = None
     if (run / "analysis").is_dir() and any((run / "analysis").glob("*.parquet")):
         ana = load_analysis(run)
-    return RunInfo(run, config, _read(run / "train_config.json"), _read(run / "eval.json"), ana)
+    return RunInfo(run, config, _read_json(run / "train_config.json"), _read_json(run / "eval.json"), ana)
 
 
 def check_same_store(runs: list[RunInfo]) -> None:
