@@ -1,9 +1,11 @@
-"""SAE training throughput: our TopK step against SAELens 6's TopK step, side by side in one run.
+"""SAE training throughput, side by side in one run: our TopK step against SAELens 6's, our RouteSAE
+step against the RouteSAE reference code's, and a phase-by-phase profile of our RouteSAE step.
 
     python bench/train.py [--store DIR | --model DIR] [--d-latents M | --expansion 16] [--k 32]
                           [--batch-tokens 4096] [--steps 20] [--warmup 3] [--repeats 3]
                           [--threads N] [--device cpu] [--dead-frac 0.0] [--aux-k D/2]
-                          [--no-saelens-sparse] [--no-routesae]
+                          [--no-saelens-sparse] [--no-routesae] [--against saelens reference]
+                          [--reference-latents 1536] [--no-profile]
 
 One activation set: ``--store`` if given, else a capture of ``--tokens`` tokens of ``data/corpus``
 into a temporary store, by ``data/demo-moe`` when it holds trained weights, else by a random OLMoE
@@ -39,6 +41,15 @@ with one host sync for the loss statistics (``.tolist()``), SAELens with none un
 
 Prints a config line, tokens/s of each (median over rounds, every round listed) and
 ``ratio routesae-topk / saelens-topk``. Goal (issue 4 §7): >= 1.5 on CPU.
+
+Against the reference code (``--against reference``, issue 18 §4): RouteSAE over every layer of the
+store with ``--reference-latents`` latents (default 1536, the issue's setting: 8x d = 192) and the
+same k and batch, ``routesae.train.train`` with the paper's ``faithful`` router (the reference's
+routing: the same work) and with our default ``ste`` router, against bench/reference_step.py (the
+reference's dense step: dense top-k code scattered into [B, M], dense decoder, dense backward, Adam,
+decoder renormalised every 10 steps) on the same batches held in memory, rounds interleaved.
+Prints ``ratio routesae-faithful / reference``; goal >= 3. Then (``--no-profile`` skips it) the
+profile of our step by phase (bench/train_profile.py) for both routers.
 """
 
 from __future__ import annotations
@@ -47,6 +58,7 @@ import argparse
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -56,7 +68,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # SAETrainer.fit draws a progress ba
 
 import torch  # noqa: E402  (imports tqdm)
 
+from routesae.store import Store  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # reference_step, train_profile (also when imported)
 NEVER_DEAD_TOKENS = 2**62
 NEVER_DEAD_STEPS = 2**40  # SAELens counts steps in float32: keep the window and the marks exact
 
@@ -124,8 +139,6 @@ def _dead_set(n_latents: int, frac: float, seed: int) -> torch.Tensor | None:
 
 
 def _resolved(bc: BenchConfig):
-    from routesae.store import Store
-
     store = Store(bc.store)
     d = store.d_model
     latents = bc.latents or bc.expansion * d
@@ -134,11 +147,12 @@ def _resolved(bc: BenchConfig):
     return store, d, latents, aux_k, lr
 
 
-def time_ours(bc: BenchConfig, arch: str, run: int) -> float:
+def time_ours(bc: BenchConfig, arch: str, run: int, latents: int | None = None, router: str = "ste") -> float:
     """Tokens/s of ``routesae.train.train`` for ``arch``, timed between step callbacks."""
     from routesae.train import TrainConfig, train
 
-    _, _, latents, aux_k, lr = _resolved(bc)
+    _, _, default_latents, aux_k, lr = _resolved(bc)
+    latents = latents or default_latents
     dead = _dead_set(latents, bc.dead_frac, bc.seed)
     total = bc.warmup + bc.steps + 1  # the last step (final checkpoint + save) is not timed
     marks: dict[str, float] = {}
@@ -153,7 +167,8 @@ def time_ours(bc: BenchConfig, arch: str, run: int) -> float:
             _sync(bc.device)
             marks["t1"] = time.perf_counter()
 
-    cfg = TrainConfig(store=bc.store, out=str(Path(bc.workdir) / f"{arch}-{run}"), arch=arch, k=bc.k,
+    cfg = TrainConfig(store=bc.store, out=str(Path(bc.workdir) / f"{arch}-{router}-{latents}-{run}"), arch=arch,
+                      k=bc.k, router=router,
                       latents=latents, batch_tokens=bc.batch_tokens, tokens=total * bc.batch_tokens, lr=lr,
                       aux_k=aux_k, aux_coef=bc.aux_coef, dead_tokens=NEVER_DEAD_TOKENS, seed=bc.seed,
                       ckpt_every=10**9, progress=False, device=bc.device, verify="never", init_samples=4096)
@@ -233,6 +248,59 @@ def bench(bc: BenchConfig, log=print) -> dict:
     return {"runs": runs, "median": med, "ratio": med["routesae-topk"] / saelens}
 
 
+def reference_batches(bc: BenchConfig) -> list[torch.Tensor]:
+    """The raw ``[B, L', d]`` rows our RouteSAE run reads (same store, seed, batch size), in memory."""
+    from routesae.train import TrainConfig
+    from routesae.train_setup import batches, resolve
+
+    store = Store(bc.store)
+    cfg = TrainConfig(store=bc.store, out="-", arch="routesae", k=bc.k, batch_tokens=bc.batch_tokens, seed=bc.seed)
+    stream = batches(store, cfg, resolve(cfg, store, 1), 0)
+    return [next(stream).to(bc.device) for _ in range(bc.warmup + bc.steps + 1)]
+
+
+def time_reference(bc: BenchConfig, batches: list[torch.Tensor], latents: int) -> float:
+    """Tokens/s of the reference code's RouteSAE step (bench/reference_step.py) on ``batches``."""
+    from reference_step import ReferenceRouteSAE, reference_step
+
+    torch.manual_seed(bc.seed)
+    d, n_layers = batches[0].shape[-1], batches[0].shape[1]
+    model = ReferenceRouteSAE(d, n_layers, latents, bc.k).to(bc.device)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-4, betas=(0.9, 0.999))
+    t0 = 0.0
+    for i, h in enumerate(batches[: bc.warmup + bc.steps]):
+        if i == bc.warmup:
+            _sync(bc.device)
+            t0 = time.perf_counter()
+        reference_step(model, opt, h, i)
+    _sync(bc.device)
+    return bc.steps * bc.batch_tokens / (time.perf_counter() - t0)
+
+
+def bench_reference(bc: BenchConfig, latents: int, log=print) -> dict:
+    """Interleaved rounds of ours (faithful and ste routers) and the reference's step; medians and the ratio."""
+    batches = reference_batches(bc)
+    names = ["routesae-faithful", "routesae-ste", "reference"]
+    runs: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(bc.repeats):
+        for name in names:
+            if name == "reference":
+                v = time_reference(bc, batches, latents)
+            else:
+                v = time_ours(bc, "routesae", r, latents=latents, router=name.split("-")[1])
+            runs[name].append(v)
+            log(f"  round {r + 1}/{bc.repeats} {name:20s} {v:12,.0f} tok/s")
+    med = {n: statistics.median(v) for n, v in runs.items()}
+    return {"runs": runs, "median": med, "ratio": med["routesae-faithful"] / med["reference"]}
+
+
+def print_results(res: dict, ratio_name: str) -> None:
+    for name, v in res["median"].items():
+        runs = ", ".join(f"{x:,.0f}" for x in res["runs"][name])
+        print(f"{name:20s} {v:12,.0f} tok/s  (runs: {runs})")
+    print(f"ratio {ratio_name} = {res['ratio']:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", help="an existing store (default: capture one into a temp folder)")
@@ -253,6 +321,11 @@ def main() -> None:
     ap.add_argument("--saelens-sparse", action=argparse.BooleanOptionalAction, default=True,
                     help="also time SAELens with use_sparse_activations=True (default on)")
     ap.add_argument("--no-routesae", action="store_true")
+    ap.add_argument("--against", nargs="+", choices=["saelens", "reference"], default=["saelens", "reference"],
+                    help="which comparisons to run (default both)")
+    ap.add_argument("--reference-latents", type=int, default=1536,
+                    help="latents of the RouteSAE-vs-reference comparison and the profile (default 1536)")
+    ap.add_argument("--no-profile", action="store_true", help="skip the phase profile of our RouteSAE step")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -278,12 +351,28 @@ def main() -> None:
               f"dead frac {args.dead_frac} (k_aux {aux_k}), threads {torch.get_num_threads()}, device {args.device}, "
               f"steps timed {args.steps} (after {args.warmup} warm-up) x {args.repeats} rounds; "
               f"sae-lens {sae_lens.__version__}, torch {torch.__version__}")
-        res = bench(bc)
-    for name, v in res["median"].items():
-        runs = ", ".join(f"{x:,.0f}" for x in res["runs"][name])
-        print(f"{name:20s} {v:12,.0f} tok/s  (runs: {runs})")
-    ref = max((n for n in res["median"] if n.startswith("saelens")), key=res["median"].get)
-    print(f"ratio routesae-topk / {ref} = {res['ratio']:.2f}")
+        if "saelens" in args.against:
+            res = bench(bc)
+            ref = max((n for n in res["median"] if n.startswith("saelens")), key=res["median"].get)
+            print_results(res, f"routesae-topk / {ref}")
+        if "reference" in args.against:
+            print(f"RouteSAE against the reference code's step: layers {s.layers}, latents {args.reference_latents}, "
+                  f"k {args.k}, batch tokens {args.batch_tokens}")
+            print_results(bench_reference(bc, args.reference_latents), "routesae-faithful / reference")
+        if not args.no_profile:
+            print_profiles(bc, args.reference_latents)
+
+
+def print_profiles(bc: BenchConfig, latents: int) -> None:
+    from train_profile import format_profile, profile_step
+
+    from routesae.train import TrainConfig
+
+    for router in ("faithful", "ste"):
+        cfg = TrainConfig(store=bc.store, out="-", arch="routesae", k=bc.k, latents=latents,
+                          batch_tokens=bc.batch_tokens, router=router, device=bc.device, seed=bc.seed,
+                          init_samples=4096)
+        print(format_profile(profile_step(cfg, steps=bc.steps, warmup=bc.warmup), f"routesae ({router})"))
 
 
 if __name__ == "__main__":

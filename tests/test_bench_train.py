@@ -36,3 +36,31 @@ def test_bench_train_smoke(tiny_ckpt, corpus_jsonl, tmp_path):
     batches = bench.saelens_batches(bc)
     assert len(batches) == bc.warmup + bc.steps + 1 and batches[0].shape == (64, 32)
     assert torch.allclose(batches[0].pow(2).sum(-1), torch.full((64,), 32.0), rtol=1e-3)
+
+
+def test_bench_reference_and_profile_smoke(tiny_ckpt, corpus_jsonl, tmp_path):
+    """The RouteSAE-vs-reference comparison and the phase profile run; the profile's phases add up."""
+    torch.set_num_threads(1)
+    bench = _load_bench()
+    store = bench.build_store(tmp_path, model=str(tiny_ckpt("olmoe")), corpus=str(corpus_jsonl), tokens=512,
+                              ctx=32, layers="all", device="cpu")
+    bc = bench.BenchConfig(store=str(store), workdir=str(tmp_path / "runs"), k=4, batch_tokens=64, steps=2,
+                           warmup=1, repeats=1)
+    lines: list[str] = []
+    res = bench.bench_reference(bc, latents=64, log=lines.append)
+    assert set(res["median"]) == {"routesae-faithful", "routesae-ste", "reference"} and len(lines) == 3
+    assert all(v > 0 and math.isfinite(v) for v in res["median"].values())
+    batches = bench.reference_batches(bc)
+    assert batches[0].ndim == 3 and batches[0].shape[0] == 64  # raw [B, L', d] rows of every layer
+
+    from train_profile import PHASES, format_profile, profile_step
+
+    from routesae.train import TrainConfig
+
+    cfg = TrainConfig(store=str(store), out="-", arch="routesae", k=4, latents=64, batch_tokens=64, device="cpu",
+                      init_samples=256)
+    prof = profile_step(cfg, steps=2, warmup=1)
+    assert list(prof["ms"]) == PHASES and all(v >= 0 for v in prof["ms"].values())
+    assert math.isclose(prof["total_ms"], sum(prof["ms"].values()))
+    text = format_profile(prof, "routesae")
+    assert "bwd: sparse SAE" in text and "tok/s" in text

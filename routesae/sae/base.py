@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from routesae.atomic import atomic_path, atomic_write_json
 
 from .config import SAEConfig, SAEOutput
-from .kernels import sparse_decode, topk_relu
+from .kernels import sparse_decode, topk_encode_decode, topk_relu
 from .ops import destandardize, geometric_median, nmse
 
 CONFIG_FILE = "config.json"
@@ -84,6 +84,13 @@ class SparseAutoencoder(nn.Module):
             val, idx = topk_relu(x - self.b_pre, self.W_enc, self.b_enc, self.cfg.k)
         return val.to(self.W_dec.dtype), idx
 
+    def encode_decode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(top_val, top_idx, x_hat)`` of :meth:`encode` then :meth:`decode`, with one fused sparse backward."""
+        use_bf16 = self.cfg.bf16 and x.is_cuda
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            val, idx, body = topk_encode_decode(x - self.b_pre, self.W_enc, self.b_enc, self.W_dec, self.cfg.k)
+        return val, idx, body + self.b_pre
+
     def decode(self, top_val: Tensor, top_idx: Tensor) -> Tensor:
         """Sparse code -> reconstruction ``[N, d]`` (``sum_j val_j W_dec[idx_j] + b_pre``)."""
         return sparse_decode(top_val, top_idx, self.W_dec) + self.b_pre
@@ -92,8 +99,7 @@ class SparseAutoencoder(nn.Module):
         """Raw store rows -> :class:`SAEOutput`; in training mode also updates dead-latent counts."""
         prep = self._prepare(resid)
         x = prep.x
-        val, idx = self.encode(x)
-        x_hat = self.decode(val, idx)
+        val, idx, x_hat = self.encode_decode(x)
         recon = nmse(x_hat, x)
         aux, balance = x.new_zeros(()), None
         if self.training:

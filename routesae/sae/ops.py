@@ -13,18 +13,21 @@ def _work(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def standardize(h: Tensor, eps: float = STD_EPS) -> tuple[Tensor, Tensor, Tensor]:
+def standardize(h: Tensor, eps: float = STD_EPS, shift: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token standardisation over the last dim: ``x = (h - mean_d h) / (std_d h + eps)``.
 
     ``std`` is the *biased* (population) standard deviation, as in LayerNorm, so a standardised
     token has ``||x||^2 = d`` (up to eps). Returns ``(x, mean, std)`` with ``mean, std`` of shape
     ``h.shape[:-1] + (1,)``; :func:`destandardize` inverts it exactly. Computed in float32 (float64 kept).
+    ``shift`` (broadcast against ``x``) is subtracted from ``x`` in place: ``x - shift``.
     """
     h = _work(h)
     mean = h.mean(dim=-1, keepdim=True)
     c = h - mean
-    std = c.square().mean(dim=-1, keepdim=True).sqrt_()  # biased std; several times faster than h.std on CPU
-    return c / (std + eps), mean, std
+    # biased std from the norm: one pass and no temporary (several times faster than h.std on CPU)
+    std = torch.linalg.vector_norm(c, dim=-1, keepdim=True).div_(h.shape[-1] ** 0.5)
+    x = c.div_(std + eps)
+    return (x if shift is None else x.sub_(shift.to(x.dtype))), mean, std
 
 
 def destandardize(x: Tensor, mean: Tensor, std: Tensor, eps: float = STD_EPS) -> Tensor:

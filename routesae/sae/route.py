@@ -64,8 +64,7 @@ class RouteSAE(SparseAutoencoder):
         check_width(resid, self.cfg.d_in, "RouteSAE")
         if not self.cfg.standardize:
             return resid.to(self.W_dec.dtype) - self.layer_center, None, None
-        xs, mean, std = standardize(resid.to(self.W_dec.dtype))
-        return xs - self.layer_center, mean, std
+        return standardize(resid.to(self.W_dec.dtype), shift=self.layer_center)
 
     @torch.no_grad()
     def init_layer_centers(self, resid_sample: Tensor, max_samples: int = 32768) -> Tensor:
@@ -77,7 +76,7 @@ class RouteSAE(SparseAutoencoder):
 
     def _probs(self, xs: Tensor) -> Tensor:
         """Router weights ``softmax(W_router pool(x))`` ``[B, L']`` of a standardised stack."""
-        v = xs.sum(1) if self.cfg.pooling == "sum" else xs.mean(1)
+        v = _mix(xs.new_full((1, xs.shape[1]), 1.0 if self.cfg.pooling == "sum" else 1 / xs.shape[1]), xs)
         return torch.softmax(v @ self.W_router.t(), dim=-1)
 
     def route(self, resid: Tensor) -> tuple[Tensor, Tensor]:
@@ -91,11 +90,11 @@ class RouteSAE(SparseAutoencoder):
         pos = probs.argmax(-1)
         rows = torch.arange(xs.shape[0], device=xs.device)
         if self.cfg.routing == "soft":
-            x = (probs.unsqueeze(-1) * xs).sum(1)
+            x = _mix(probs, xs)
         else:
             x = probs[rows, pos].unsqueeze(-1) * xs[rows, pos]
             if self.cfg.router == "ste":  # same value, gradient of the soft mixture for the router
-                soft = (probs.unsqueeze(-1) * xs).sum(1)
+                soft = _mix(probs, xs)
                 x = x + (soft - soft.detach())
         if mean is not None:
             mean, std = mean[rows, pos], std[rows, pos]
@@ -128,3 +127,9 @@ class RouteSAE(SparseAutoencoder):
         if prep.mean is not None:
             x_hat = destandardize(x_hat, prep.mean, prep.std)
         return x_hat, pos
+
+
+def _mix(weights: Tensor, xs: Tensor) -> Tensor:
+    """``sum_i weights[., i] * xs[:, i]`` ``[B, d]`` for weights ``[B, L']`` (or ``[1, L']``, shared) as one
+    batched matmul (several times faster on CPU than the broadcast product and sum over layers)."""
+    return torch.matmul(weights.unsqueeze(1), xs).squeeze(1)
