@@ -131,10 +131,9 @@ class SparseAutoencoder(nn.Module):
     # ------------------------------------------------------------ dead latents and AuxK
 
     def _count_firing(self, val: Tensor, idx: Tensor) -> None:
-        fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.bool)
-        fired[idx[val > 0]] = True
-        self.tokens_since_fired += val.shape[0]
-        self.tokens_since_fired[fired] = 0
+        n_fired = torch.bincount(idx.reshape(-1), weights=(val.reshape(-1) > 0).float(),
+                                 minlength=self.tokens_since_fired.shape[0])  # no boolean-mask gather
+        self.tokens_since_fired.add_(val.shape[0]).masked_fill_(n_fired > 0, 0)
 
     def dead_mask(self) -> Tensor:
         """``[M]`` bool: latents that have not fired for ``cfg.dead_tokens`` examples."""
