@@ -24,7 +24,6 @@ and docs/RESULTS.md.
 from __future__ import annotations
 
 import math
-import time
 import warnings
 
 import torch
@@ -251,43 +250,3 @@ def dense_reference(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor,
     top = pre.topk(k, dim=-1)
     z = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
     return z, z @ W_dec
-
-
-class _DenseScatterTopKReLU(torch.autograd.Function):
-    """TopK + ReLU on given pre-activations; backward scatters the k gradients into ``[N, M]``."""
-
-    @staticmethod
-    def forward(ctx, pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        top = pre.topk(k, dim=-1, sorted=False)
-        val = top.values.relu()
-        ctx.save_for_backward(top.indices, val)
-        ctx.shape = pre.shape
-        ctx.mark_non_differentiable(top.indices)
-        return val, top.indices
-
-    @staticmethod
-    def backward(ctx, g_val: Tensor, _g_idx: Tensor | None) -> tuple[Tensor, None]:
-        idx, val = ctx.saved_tensors
-        g = torch.zeros(ctx.shape, dtype=g_val.dtype, device=g_val.device)
-        return g.scatter_(-1, idx, g_val * (val > 0)), None
-
-
-def bench_backward(n: int = 4096, d: int = 192, m: int = 3072, k: int = 32, reps: int = 5) -> dict[str, float]:
-    """Milliseconds per encoder forward+backward: sparse (:class:`TopKReLU`) vs dense scatter."""
-    torch.manual_seed(0)
-    x = torch.randn(n, d, requires_grad=True)
-    w = torch.randn(d, m, requires_grad=True)
-    b = torch.zeros(m, requires_grad=True)
-    out: dict[str, float] = {}
-    for name in ("sparse", "dense_scatter"):
-        times = []
-        for _ in range(reps + 1):
-            t0 = time.perf_counter()
-            if name == "sparse":
-                val, _ = topk_relu(x, w, b, k)
-            else:
-                val, _ = _DenseScatterTopKReLU.apply(x @ w + b, k)
-            val.sum().backward()
-            times.append(time.perf_counter() - t0)
-        out[name] = 1000 * sorted(times[1:])[len(times[1:]) // 2]
-    return out
