@@ -222,12 +222,12 @@ def select_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
         top = pre.topk(k, dim=-1, sorted=False)
         return top.values, top.indices
     n_groups = m // g
-    group_max = pre.reshape(n, g, n_groups).amax(1)  # [N, G]
-    groups = group_max.topk(k, dim=-1, sorted=False).indices  # [N, k]
-    offsets = torch.arange(0, m, n_groups, device=pre.device)  # the g members of group j: j + t * G
-    cols = (groups.unsqueeze(1) + offsets.view(1, g, 1)).view(n, g * k)
-    top = pre.gather(1, cols).topk(k, dim=-1, sorted=False)
-    return top.values, cols.gather(1, top.indices)
+    members = pre.reshape(n, g, n_groups)  # members[n, t, j] = pre[n, j + t * G]: the g members of group j
+    groups = members.amax(1).topk(k, dim=-1, sorted=False).indices  # [N, k]
+    cand = members.gather(2, groups.unsqueeze(1).expand(n, g, k)).view(n, g * k)  # entry t * k + i: member t of groups[:, i]
+    top = cand.topk(k, dim=-1, sorted=False)
+    t, i = torch.div(top.indices, k, rounding_mode="floor"), top.indices % k
+    return top.values, groups.gather(1, i) + t * n_groups
 
 
 def topk_relu(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
