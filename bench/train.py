@@ -48,8 +48,10 @@ same k and batch, ``routesae.train.train`` with the paper's ``faithful`` router 
 routing: the same work) and with our default ``ste`` router, against bench/reference_step.py (the
 reference's dense step: dense top-k code scattered into [B, M], dense decoder, dense backward, Adam,
 decoder renormalised every 10 steps) on the same batches held in memory, rounds interleaved.
-Prints ``ratio routesae-faithful / reference``; goal >= 3. Then (``--no-profile`` skips it) the
-profile of our step by phase (bench/train_profile.py) for both routers.
+Prints ``ratio routesae-faithful / reference`` (of the medians) and the ratio of each round's two
+runs (neighbours in time, so less exposed to other jobs' load drifting over the run); goal >= 3.
+Then (``--no-profile`` skips it) the profile of our step by phase (bench/train_profile.py) for
+both routers.
 """
 
 from __future__ import annotations
@@ -291,7 +293,9 @@ def bench_reference(bc: BenchConfig, latents: int, log=print) -> dict:
             runs[name].append(v)
             log(f"  round {r + 1}/{bc.repeats} {name:20s} {v:12,.0f} tok/s")
     med = {n: statistics.median(v) for n, v in runs.items()}
-    return {"runs": runs, "median": med, "ratio": med["routesae-faithful"] / med["reference"]}
+    paired = [a / b for a, b in zip(runs["routesae-faithful"], runs["reference"])]  # neighbours in time
+    return {"runs": runs, "median": med, "ratio": med["routesae-faithful"] / med["reference"],
+            "paired_ratios": paired, "paired_median": statistics.median(paired)}
 
 
 def print_results(res: dict, ratio_name: str) -> None:
@@ -358,7 +362,10 @@ def main() -> None:
         if "reference" in args.against:
             print(f"RouteSAE against the reference code's step: layers {s.layers}, latents {args.reference_latents}, "
                   f"k {args.k}, batch tokens {args.batch_tokens}")
-            print_results(bench_reference(bc, args.reference_latents), "routesae-faithful / reference")
+            res = bench_reference(bc, args.reference_latents)
+            print_results(res, "routesae-faithful / reference")
+            print(f"ratio per round (faithful / the reference run next to it): "
+                  f"{', '.join(f'{r:.2f}' for r in res['paired_ratios'])}; median {res['paired_median']:.2f}")
         if not args.no_profile:
             print_profiles(bc, args.reference_latents)
 
