@@ -58,20 +58,19 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 import torch.distributed as tdist
 
-from .capture import CaptureConfig, _header, _open, _router_arrays, capture, shard_tokens, token_rows, token_strings
+from .capture import CaptureConfig, _header, _open, capture
 from .capture_checks import CaptureError, check_options, preflight
 from .capture_io import prefetch
 from .corpus import ContextBuilder, CorpusConfig, CorpusStats, corpus_fingerprint, first_document, iter_documents
 from .layers import parse_layers
-from .models.load import config_hash, first_device, recorded_spec, resolve_dtype
+from .models.load import config_hash, first_device, recorded_spec
+from .online_sample import SampleWriter
 from .run_guard import check_out
 from .sae import SparseAutoencoder
-from .store import MANIFEST, Store, StoreWriter
-from .store_lock import store_lock
+from .store import MANIFEST, Store
 from .train import TrainConfig, check_run, device_name, rank_device, run_loop, start_run
 from .train_many import check_shared, check_sweep_out, run_many, selector, write_index
 from .train_setup import Dist, import_wandb
@@ -153,71 +152,6 @@ class OnlineView:
     def identity(self) -> str:
         """A content hash of the activation stream's source (model, corpus, layers, contexts, seed)."""
         return self._identity
-
-
-class SampleWriter:
-    """The first ``max_tokens`` rows of the stream into a store, cut into shards as capture's loop cuts them.
-
-    Nothing is written before :meth:`arm` (the run's own files come first: shards wait in memory);
-    the store folder is locked against a capture while it is written."""
-
-    def __init__(self, ccfg: CaptureConfig, header: dict, tok: Any, vocab_size: int, moe_layers: list[int],
-                 k_max: int | None, extras: tuple[str, ...], values_per_token: int):
-        self.ccfg, self.header, self.moe_layers, self.k_max, self.extras = ccfg, header, moe_layers, k_max, extras
-        self.shard_tokens = shard_tokens(ccfg, values_per_token)
-        self.store_dtype = resolve_dtype(ccfg.stored_dtype)
-        self.token_text = token_strings(tok, vocab_size)
-        self.parts: tuple[list, list, list] = ([], [], [])  # resid, router arrays, token rows of this shard
-        self.ready: list[tuple] = []  # sealed shards not yet written
-        self.buffered = self.total = 0
-        self.armed = self.done = False
-        self.stats: dict[str, int] = {}
-        self.writer: StoreWriter | None = None
-        self._lock = contextlib.ExitStack()
-
-    def add(self, batch, builder: ContextBuilder, resid: torch.Tensor, route: dict, keep: torch.Tensor,
-            stats: dict[str, int]) -> None:
-        """One forward batch (all rows; ``keep`` marks the real ones), as capture's ``_fill`` takes it."""
-        if self.done:
-            return
-        keep = keep & (torch.cumsum(keep.long(), 0) <= self.ccfg.max_tokens - self.total)  # trim to max_tokens
-        n = int(keep.sum())
-        rows = None if n == keep.numel() else keep.nonzero().squeeze(1)
-        resid_part, router_part, token_part = self.parts
-        resid_part.append((resid if rows is None else resid.index_select(0, rows)).to(self.store_dtype).cpu())
-        if self.moe_layers:
-            router_part.append(_router_arrays(route, self.moe_layers, rows, self.k_max, self.extras,
-                                              self.ccfg.router_logits))
-        token_part.append(token_rows(batch, builder, self.token_text, keep.cpu().numpy()))
-        self.buffered += n
-        self.total += n
-        self.done = self.total >= self.ccfg.max_tokens
-        self.stats = stats
-        if self.buffered >= self.shard_tokens or self.done:
-            self.ready.append((*self.parts, int(batch.context_index[-1]) + 1))
-            self.parts, self.buffered = ([], [], []), 0
-        self._drain()
-
-    def arm(self) -> None:
-        self.armed = True
-        self._drain()
-
-    def _drain(self) -> None:
-        if not self.armed:
-            return
-        while self.ready:
-            resid, router, tokens, contexts_end = self.ready.pop(0)
-            if self.writer is None:
-                self._lock.enter_context(store_lock(self.ccfg.out))
-                self.writer = StoreWriter(self.ccfg.out, self.header, self.ccfg.content_args())
-            arrays = {k: [r[k] for r in router] for k in router[0]} if router else None
-            self.writer.write_shard(resid, arrays, pd.concat(tokens, ignore_index=True), contexts_end)
-        if self.done and self.writer is not None and not self.writer.complete:
-            self.writer.finish(corpus_stats=self.stats)
-            self.close()
-
-    def close(self) -> None:
-        self._lock.close()
 
 
 class OnlineSource:

@@ -20,11 +20,16 @@ def _load_bench():
     return mod
 
 
-def test_bench_train_smoke(tiny_ckpt, corpus_jsonl, tmp_path):
+def _bench_and_store(tiny_ckpt, corpus_jsonl, tmp_path):
     torch.set_num_threads(1)
     bench = _load_bench()
     store = bench.build_store(tmp_path, model=str(tiny_ckpt("olmoe")), corpus=str(corpus_jsonl), tokens=512,
                               ctx=32, layers="all", device="cpu")
+    return bench, store
+
+
+def test_bench_train_smoke(tiny_ckpt, corpus_jsonl, tmp_path):
+    bench, store = _bench_and_store(tiny_ckpt, corpus_jsonl, tmp_path)
     bc = bench.BenchConfig(store=str(store), workdir=str(tmp_path / "runs"), latents=64, k=4, batch_tokens=64,
                            steps=2, warmup=1, repeats=1, dead_frac=0.25, saelens_sparse=True)
     lines: list[str] = []
@@ -40,10 +45,7 @@ def test_bench_train_smoke(tiny_ckpt, corpus_jsonl, tmp_path):
 
 def test_bench_reference_and_profile_smoke(tiny_ckpt, corpus_jsonl, tmp_path):
     """The RouteSAE-vs-reference comparison and the phase profile run; the profile's phases add up."""
-    torch.set_num_threads(1)
-    bench = _load_bench()
-    store = bench.build_store(tmp_path, model=str(tiny_ckpt("olmoe")), corpus=str(corpus_jsonl), tokens=512,
-                              ctx=32, layers="all", device="cpu")
+    bench, store = _bench_and_store(tiny_ckpt, corpus_jsonl, tmp_path)
     bc = bench.BenchConfig(store=str(store), workdir=str(tmp_path / "runs"), k=4, batch_tokens=64, steps=2,
                            warmup=1, repeats=1)
     lines: list[str] = []

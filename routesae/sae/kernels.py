@@ -224,7 +224,8 @@ def select_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     n_groups = m // g
     members = pre.reshape(n, g, n_groups)  # members[n, t, j] = pre[n, j + t * G]: the g members of group j
     groups = members.amax(1).topk(k, dim=-1, sorted=False).indices  # [N, k]
-    cand = members.gather(2, groups.unsqueeze(1).expand(n, g, k)).view(n, g * k)  # entry t * k + i: member t of groups[:, i]
+    # entry t * k + i of cand: member t of group groups[:, i]
+    cand = members.gather(2, groups.unsqueeze(1).expand(n, g, k)).view(n, g * k)
     top = cand.topk(k, dim=-1, sorted=False)
     t, i = torch.div(top.indices, k, rounding_mode="floor"), top.indices % k
     return top.values, groups.gather(1, i) + t * n_groups
