@@ -195,3 +195,35 @@ def routing_counts(model, tokenizer, texts: list[str], ctx: int = 256, batch: in
         for h in handles:
             h.remove()
     return hits, tokens, layers
+
+
+def contrast_to_folder(model: str, a: str, b: str, out, corpus: str | None = None, split: str = "train",
+                       max_docs: int = 2000, max_tokens: int = 65536, ctx: int = 256, batch: int = 8, top: int = 4,
+                       bias: float = 2.0, mode: str = "bias", device: str = "auto", lm=None,
+                       tokenizer=None) -> tuple[pd.DataFrame, dict]:
+    """Run ``model`` over sides ``a`` and ``b`` (:func:`read_side`) and write ``contrast.parquet`` and
+    ``contrast.json`` (sides, token counts, the steering setting) into ``out``; returns both."""
+    from routesae.atomic import atomic_path, atomic_write_json
+    from routesae.models.load import ModelConfig, load_model
+
+    if max_docs < 1 or max_tokens < 1:
+        raise SteeringError(f"--max-docs {max_docs} and --max-tokens {max_tokens} must be positive")
+    steering_setting(pd.DataFrame(columns=COLUMNS), top, bias, mode)  # check the options before any work
+    side_a = read_side(a, corpus, split, max_docs)
+    side_b = read_side(b, corpus, split, max_docs)
+    if lm is None:
+        lm, tokenizer = load_model(ModelConfig(model, "float32", device))
+    ha, na, layers = routing_counts(lm, tokenizer, side_a.texts, ctx, batch, max_tokens)
+    hb, nb, _ = routing_counts(lm, tokenizer, side_b.texts, ctx, batch, max_tokens)
+    table = contrast_table(ha, na, hb, nb, layers)
+    info = {"model": model, "a": side_a.name, "b": side_b.name, "a_spec": a, "b_spec": b, "corpus": corpus,
+            "split": split, "texts_a": len(side_a.texts), "texts_b": len(side_b.texts), "tokens_a": na,
+            "tokens_b": nb, "top": top, "bias": bias, "mode": mode,
+            "steering": steering_setting(table, top, bias, mode),
+            "steering_toward_b": steering_setting(table, top, bias, mode, toward="b")}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "contrast.parquet") as tmp:
+        table.to_parquet(tmp, index=False)
+    atomic_write_json(out / "contrast.json", info)
+    return table, info

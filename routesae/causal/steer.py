@@ -187,7 +187,8 @@ def _side(model, ids: list[int], steering: Steering, token_text) -> dict[str, An
                                                                              for r in d.weights.tolist()]}
                       for layer, d in sorted(fw.routing.items())}
     if fw.edits is not None:
-        out["latents"] = {str(e.latent): {"before": fw.edits.before[:, i].tolist(), "after": fw.edits.after[:, i].tolist()}
+        rec = fw.edits
+        out["latents"] = {str(e.latent): {"before": rec.before[:, i].tolist(), "after": rec.after[:, i].tolist()}
                           for i, e in enumerate(steering.edits)}
         out["edit_layer"] = fw.edits.layer.tolist()
     return out
@@ -222,3 +223,44 @@ def steer_compare(model, tokenizer, prompt: str, steering: Steering, cfg: Genera
             "clean": {"text": tokenizer.decode(clean_ids[n:]), **_side(model, clean_ids, identity, token_text)},
             "steered": {"text": tokenizer.decode(steered_ids[n:]), **_side(model, steered_ids, steering, token_text)},
             "next_token": change}
+
+
+def run_model(run: str) -> str | None:
+    """The model an SAE run was trained on: ``config.json`` meta.model, else the training store's model."""
+    from pathlib import Path
+
+    from routesae.sae import SparseAutoencoder
+
+    meta = (SparseAutoencoder.read_config(run).meta or {}).get("model")
+    if meta:
+        return str(meta)
+    tc = Path(run) / "train_config.json"
+    if tc.is_file():
+        import json
+
+        m = (json.loads(tc.read_text()).get("store_summary") or {}).get("model")
+        name = m.get("name_or_path") if isinstance(m, dict) else m
+        return str(name) if name else None
+    return None
+
+
+def load_for_steering(run: str | None, model: str | None, device: str = "auto"):
+    """``(model, tokenizer, sae or None, model name)`` for a steering request, checked against each other."""
+    from routesae.models.load import ModelConfig, load_model, resolve_device
+    from routesae.sae import load_sae
+
+    sae = load_sae(run, device="cpu").eval() if run else None
+    name = model or (run_model(run) if run else None)
+    if name is None:
+        raise SteeringError("no model: pass --model (or --run RUN, whose model is recorded)" if run is None else
+                            f"the run {run} records no model; pass --model")
+    lm, tok = load_model(ModelConfig(name, "float32", str(resolve_device(device))))
+    if tok is None:
+        raise SteeringError(f"no tokenizer found with model '{name}'; steering needs one to read the prompt")
+    if sae is not None:
+        hidden = int(lm.config.hidden_size)
+        if sae.cfg.d_in != hidden:
+            raise SteeringError(f"the SAE in {run} reads width {sae.cfg.d_in} but model '{name}' has hidden size "
+                                f"{hidden}; pass the run's model with --model")
+        sae = sae.to(first_device(lm))
+    return lm, tok, sae, name
