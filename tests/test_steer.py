@@ -393,3 +393,24 @@ def test_cli_analyze_shared(tiny_ckpt, corpus_jsonl, tmp_path):
     res = runner.invoke(app, ["analyze-shared", str(tiny_ckpt("olmoe")), "--corpus", str(corpus_jsonl), "--out",
                               str(tmp_path / "x"), "--device", "cpu"])
     assert res.exit_code == 2 and "no shared experts" in res.output
+
+
+def test_report_shows_contrast_and_shared_tables_escaped(tiny_run, tiny_ckpt, corpus_jsonl):
+    _, run = tiny_run
+    if not (run / "analysis" / "contrast.parquet").is_file():
+        assert runner.invoke(app, ["analyze", str(run), "--contrast", "code:prose", "--no-model"]).exit_code == 0
+    sh = run / "shared"
+    res = runner.invoke(app, ["analyze-shared", str(tiny_ckpt("qwen2_moe")), "--corpus", str(corpus_jsonl), "--out",
+                              str(sh), "--max-tokens", "100", "--ctx", "32", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((sh / "summary.json").read_text())
+    summary["corpus"] = "<script>alert(1)</script>"  # text from the user's side is escaped
+    (sh / "summary.json").write_text(json.dumps(summary))
+    res = runner.invoke(app, ["report", str(run), "--format", "html,md"])
+    assert res.exit_code == 0, res.output
+    html = (run / "report" / "report.html").read_text()
+    md = (run / "report" / "report.md").read_text()
+    for text in (html, md):
+        assert "Behaviour-linked experts" in text and "Shared versus routed computation" in text
+        assert "<script>alert(1)</script>" not in text
+    assert "&lt;script&gt;" in html and "routesae steer --run" in html
