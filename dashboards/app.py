@@ -29,6 +29,7 @@ pages = {
     "experts": st.Page(PAGES["experts"], title="Experts", icon=":material/account_tree:", url_path="experts"),
     "tokens": st.Page(PAGES["tokens"], title="Token explorer", icon=":material/text_fields:", url_path="tokens"),
     "routing": st.Page(PAGES["routing"], title="Dynamic routing", icon=":material/alt_route:", url_path="routing"),
+    "steer": st.Page(PAGES["steer"], title="Steer", icon=":material/tune:", url_path="steer"),
     "export": st.Page(PAGES["export"], title="Export", icon=":material/download:", url_path="export"),
 }
 page = st.navigation(list(pages.values()))

@@ -38,7 +38,8 @@ RUN_ENV = "ROUTESAE_RUN"
 MODEL_ENV = "ROUTESAE_MODEL"
 HERE = Path(__file__).resolve().parent
 PAGES = {"overview": "views/overview.py", "features": "views/features.py", "experts": "views/experts.py",
-         "tokens": "views/tokens.py", "routing": "views/routing.py", "export": "views/export.py"}
+         "tokens": "views/tokens.py", "routing": "views/routing.py", "steer": "views/steer.py",
+         "export": "views/export.py"}
 
 CONTEXT_CSS = """<style>
 .rs-ctx{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em;line-height:1.9;margin:.15em 0;

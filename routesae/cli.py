@@ -30,12 +30,16 @@ app.add_typer(data_app, name="data")
 app.add_typer(store_app, name="store")
 
 
+from .cli_causal import analyze_shared, contrast, steer  # noqa: E402
 from .cli_errors import USER_ERRORS  # noqa: E402
 from .cli_errors import fail as _fail  # noqa: E402
 from .cli_store import store_info, store_verify  # noqa: E402
 from .cli_train import train  # noqa: E402
 
 app.command()(train)
+app.command()(steer)
+app.command()(contrast)
+app.command("analyze-shared")(analyze_shared)
 store_app.command("info")(store_info)
 store_app.command("verify")(store_verify)
 ROUTING_OVERRIDE_HELP = ("Change routing during the forward: topk:K, topp:P, threshold:T, "
@@ -249,6 +253,8 @@ def analyze(
     fire_fraction: float = typer.Option(0.5, help="Feature counting: a latent fires at >= this fraction of its max."),
     min_load_ratio: float = typer.Option(0.5, help="Specialists: an expert may own a domain when its load is at "
                                                    "least this multiple of the uniform 1/E (hubs never do)."),
+    contrast: str | None = typer.Option(None, help="Two domains A:B (e.g. math:legal): rank the experts by the "
+                                                   "difference of their activation rates (contrast.parquet)."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
 ) -> None:
     """Feature, expert and feature x expert analyses into RUN/analysis/ (read by reports and the dashboard)."""
@@ -259,7 +265,7 @@ def analyze(
         out = run_analyze(AnalyzeConfig(run=str(run), store=str(store) if store else None, model=model,
                                         tokens=tokens, with_model=with_model, top_contexts=top_contexts,
                                         window=window, fire_fraction=fire_fraction, device=device,
-                                        min_load_ratio=min_load_ratio))
+                                        min_load_ratio=min_load_ratio, contrast=contrast))
     except USER_ERRORS as exc:
         _fail(exc)
     for note in _analysis_notes(out, with_model):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 from common import PAGES, get_analysis, open_feature, selected_row, visible
+from experts_causal import contrast_tab, shared_tab
 
 from routesae.report import facts
 from routesae.report import figures as F
@@ -28,8 +29,9 @@ value = c2.segmented_control("Heatmap", list(HEAT), default="selectivity", key="
                                   "of all tokens. Ratios: log colour scale centred at 1.") or "selectivity"
 MIN_LOAD = facts.min_load_ratio(a)
 
-tab_spec, tab_load, tab_co, tab_lat = st.tabs(["Specialisation", "Load balance", "Co-activation & cold start",
-                                               "Top latents per expert"])
+tab_spec, tab_load, tab_co, tab_lat, tab_con, tab_sh = st.tabs(
+    ["Specialisation", "Load balance", "Co-activation & cold start", "Top latents per expert", "Behaviour contrast",
+     "Shared vs routed"])
 
 with tab_spec:
     if not a.expert_domain.empty:
@@ -135,3 +137,8 @@ with tab_lat:
             r = selected_row(event)
             if r is not None and r < len(t):
                 open_feature(int(t.iloc[r]["latent"]))
+
+with tab_con:
+    contrast_tab(a)
+with tab_sh:
+    shared_tab(a)

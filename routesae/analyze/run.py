@@ -50,7 +50,9 @@ class AnalyzeConfig:
     store's model when that folder exists locally (for the logit lens; ``with_model=False`` skips it).
     ``tokens``: default 200k or the whole store. ``window``: tokens either side of a context's centre.
     ``min_load_ratio``: an expert may own a domain (``domain_layer.owner``) and be ranked as a specialist
-    when its load is at least this multiple of the uniform 1/E (:mod:`routesae.analyze.specialists`)."""
+    when its load is at least this multiple of the uniform 1/E (:mod:`routesae.analyze.specialists`).
+    ``contrast``: ``"A:B"``, two domains of the store: ``contrast.parquet`` ranks every (layer, expert) by
+    rate_A - rate_B (:mod:`routesae.causal.contrast`) and ``settings.json`` keeps a steering setting."""
 
     run: str
     store: str | None = None
@@ -67,6 +69,7 @@ class AnalyzeConfig:
     with_model: bool = True
     seed: int = 0
     min_load_ratio: float = MIN_LOAD_RATIO
+    contrast: str | None = None  # "A:B": two domains; experts ranked by their activation-rate difference
 
 
 def _write_parquet(path: Path, df: pd.DataFrame) -> None:
@@ -83,6 +86,25 @@ def _swap_in(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _check_contrast(spec: str | None, store, n_tokens: int) -> tuple[str, str] | None:
+    """The two domains of ``--contrast A:B``, checked against the store before any work (one-line errors)."""
+    if not spec:
+        return None
+    from routesae.analyze.features import store_domains
+    from routesae.causal.contrast import parse_pair
+
+    pair = parse_pair(spec)
+    if not store.moe_layers or not store.manifest.get("n_experts"):
+        raise StoreError(f"--contrast {spec}: store {store.root} has no MoE layers (a dense model), so no experts "
+                         f"to contrast")
+    have = sorted(set(store_domains(store, n_tokens)))
+    missing = [d for d in pair if d not in have]
+    if missing:
+        raise StoreError(f"--contrast {spec}: domain(s) {missing} not in the analysed tokens; domains: "
+                         f"{', '.join(have)}")
+    return pair
+
+
 def analyze(cfg: AnalyzeConfig, model=None, tokenizer=None) -> Path:
     """Analyse ``cfg.run`` and write ``RUN/analysis/``; returns that folder.
 
@@ -97,6 +119,7 @@ def analyze(cfg: AnalyzeConfig, model=None, tokenizer=None) -> Path:
     if not cfg.min_load_ratio >= 0:
         raise StoreError(f"--min-load-ratio {cfg.min_load_ratio}: give a number >= 0 (e.g. 0.5 = half the uniform "
                          f"load 1/E)")
+    pair = _check_contrast(cfg.contrast, store, n_tokens)
     check = None
     if cfg.with_model:  # the logit lens's model, checked against the store on its first context
         model, tok, _, check = checked_model(cfg, store, c.layers, model, dtype="float32", contexts=1)
@@ -113,6 +136,13 @@ def analyze(cfg: AnalyzeConfig, model=None, tokenizer=None) -> Path:
 
         tables.update(expert_tables(store, max_tokens=n_tokens, min_vocab_count=MIN_VOCAB_COUNT,
                                     min_load_ratio=cfg.min_load_ratio))
+    contrast_info = None
+    if pair is not None:
+        from routesae.causal.contrast import contrast_from_expert_domain, steering_setting
+
+        tables["contrast"] = contrast_from_expert_domain(tables["expert_domain"], *pair)
+        contrast_info = {"a": pair[0], "b": pair[1], "steering": steering_setting(tables["contrast"]),
+                         "steering_toward_b": steering_setting(tables["contrast"], toward="b")}
     fc_row = tables.pop("feature_count").iloc[0].to_dict()
     fc_settings = {**FEATURE_COUNT, "threshold_value": float(cfg.fire_fraction)}
     lat = tables["latents"]
@@ -131,7 +161,8 @@ def analyze(cfg: AnalyzeConfig, model=None, tokenizer=None) -> Path:
     settings = {"tokens": int(fc_row["tokens"]), "context_window": cfg.window, "top_contexts": cfg.top_contexts,
                 "quantile_bins": cfg.quantile_bins, "quantile_samples": cfg.quantile_samples,
                 "hist_bins": cfg.hist_bins, "min_vocab_count": MIN_VOCAB_COUNT, "feature_count": fc_settings,
-                "dense_threshold": DENSE, "min_load_ratio": cfg.min_load_ratio, "config": asdict(cfg)}
+                "dense_threshold": DENSE, "min_load_ratio": cfg.min_load_ratio, "contrast": contrast_info,
+                "config": asdict(cfg)}
     final, tmp = run / "analysis", run / "analysis.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

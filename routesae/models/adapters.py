@@ -77,6 +77,10 @@ class HFMoEAdapter(RouterAdapter):
     # rewrites it first (LongCat-Flash since transformers 5.25: identity experts become weight-0
     # dummy slots), so the router's output is the decision and overrides replace that output
     experts_get_decision: ClassVar[bool] = True
+    # the always-on path beside the routed experts (routesae.causal.shared): the module whose output is
+    # added to the routed experts' sum, and the linear whose sigmoid scales it (None: no such module)
+    shared_attr: ClassVar[str | None] = None
+    shared_gate_attr: ClassVar[str | None] = None
 
     # ---- layout -------------------------------------------------------------------------
     def is_moe_layer(self, i: int) -> bool:
@@ -226,6 +230,8 @@ class Qwen2MoeAdapter(_QwenMoeAdapter):
     """
 
     model_types = ("qwen2_moe",)
+    shared_attr = "shared_expert"
+    shared_gate_attr = "shared_expert_gate"
 
     def extra_fields(self) -> tuple[str, ...]:
         return ("shared_gate",)
@@ -235,6 +241,14 @@ class Qwen2MoeAdapter(_QwenMoeAdapter):
             state["shared_gate"] = torch.sigmoid(out.detach()).reshape(-1)
 
         return [block.shared_expert_gate.register_forward_hook(on_shared_gate)]
+
+
+@register
+class Qwen3NextAdapter(Qwen2MoeAdapter):
+    """Qwen3-Next: the Qwen2-MoE block (softmax, top-k, ``norm_topk_prob``, sigmoid-gated shared expert)
+    beside linear- and full-attention token mixers."""
+
+    model_types = ("qwen3_next",)
 
 
 @register
@@ -254,6 +268,7 @@ class DeepseekV3Adapter(HFMoEAdapter):
 
     model_types = ("deepseek_v3",)
     experts_key = "n_routed_experts"
+    shared_attr = "shared_experts"
 
     topk_sorted = False
 

@@ -8,11 +8,17 @@ An override is a list of clauses, written as text on the command line
 - ``threshold:T``  every expert with probability >= T (the best expert is always kept)
 - ``ablate:3,7``   experts 3 and 7 removed: their router logits set to -inf before the family's
                    rule runs, so the probabilities renormalise over the others and top-k picks
-                   the next best expert
+                   the next best expert (``forbid:3,7`` is the same clause)
+- ``bias:3=2,7=-1`` steering (SteerMoE): 2 added to expert 3's router logit and -1 to expert 7's
+                   before the family's rule runs, so both the choice and the weights change
+- ``force:3``      expert 3 is in every token's set: with top-k it takes the place of the token's
+                   weakest choice (weights from the family's rule over the new set); with top-p /
+                   threshold it is added to the set
 
 Each clause may end in ``@layer5``, ``@layers3,5``, ``@layers2:4`` (inclusive) or ``@all`` (the
 default: every MoE layer), and clauses are joined by ``;``, e.g. ``topp:0.5;ablate:3@layer5``.
-At most one of topk / topp / threshold per layer; ablation alone keeps the model's top-k.
+At most one of topk / topp / threshold per layer; ablation, bias and force alone keep the model's
+top-k. A bias of 0 everywhere reproduces the model's logits exactly (it is ``topk`` at the model's k).
 
 Routing is recomputed from the router logits with the architecture's rule (adapter methods
 ``choice_scores``, ``route_probs``, ``weights_for``): softmax families take the softmax over all
@@ -43,9 +49,10 @@ batched experts kernels accept no sentinel index); capture reads such slots as u
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -54,8 +61,9 @@ from routesae.models.adapters import _INDEX_KW, _WEIGHT_KW, HFMoEAdapter
 from routesae.models.routers import adapter_for
 
 RULES = ("topk", "topp", "threshold")
-ACCEPTED = ("topk:K, topp:P, threshold:T or ablate:E1,E2, each optionally followed by @layerN, @layersA,B, "
-            "@layersA:B or @all, several joined by ';' (e.g. topk:2, topp:0.5, ablate:3,7@layer5)")
+ACCEPTED = ("topk:K, topp:P, threshold:T, ablate:E1,E2 (or forbid:E1,E2), bias:E1=B1,E2=B2 or force:E1,E2, each "
+            "optionally followed by @layerN, @layersA,B, @layersA:B or @all, several joined by ';' (e.g. topk:2, "
+            "topp:0.5, ablate:3,7@layer5, bias:3=2.5@layer2)")
 
 
 class RoutingOverrideError(ValueError):
@@ -64,23 +72,29 @@ class RoutingOverrideError(ValueError):
 
 @dataclass(frozen=True)
 class Clause:
-    kind: str                               # topk | topp | threshold | ablate
-    value: float | int | tuple[int, ...]
+    kind: str                               # topk | topp | threshold | ablate | bias | force
+    value: float | int | tuple              # ablate / force: experts; bias: ((expert, value), ...)
     layers: tuple[int, ...] | None = None   # None: every MoE layer
 
     def __str__(self) -> str:
-        v = ",".join(map(str, self.value)) if isinstance(self.value, tuple) else f"{self.value:g}"
+        if self.kind == "bias":
+            v = ",".join(f"{e}={b:g}" for e, b in self.value)
+        else:
+            v = ",".join(map(str, self.value)) if isinstance(self.value, tuple) else f"{self.value:g}"
         at = "" if self.layers is None else "@layers" + ",".join(map(str, self.layers))
         return f"{self.kind}:{v}{at}"
 
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """What one MoE layer does: a selection rule (None = the model's top-k) and removed experts."""
+    """What one MoE layer does: a selection rule (None = the model's top-k), removed experts, router-logit
+    biases ``((expert, value), ...)`` and forced experts."""
 
     rule: str = "topk"
     value: float | None = None
     ablate: tuple[int, ...] = ()
+    bias: tuple[tuple[int, float], ...] = ()
+    force: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -101,8 +115,11 @@ class RoutingOverride:
 
     @classmethod
     def of(cls, kind: str, value, layers=None) -> RoutingOverride:
-        return cls((Clause(kind, tuple(value) if kind == "ablate" else value,
-                           None if layers is None else tuple(layers)),))
+        if kind in ("ablate", "force"):
+            value = tuple(value)
+        elif kind == "bias":
+            value = tuple((int(e), float(b)) for e, b in dict(value).items())
+        return cls((Clause(kind, value, None if layers is None else tuple(layers)),))
 
     def __add__(self, other: RoutingOverride) -> RoutingOverride:
         return RoutingOverride(self.clauses + other.clauses)
@@ -122,11 +139,18 @@ class RoutingOverride:
             for layer in (moe_layers if c.layers is None else c.layers):
                 p = out.get(layer, LayerPlan())
                 if c.kind == "ablate":
-                    p = LayerPlan(p.rule, p.value, tuple(sorted(set(p.ablate) | set(c.value))))
+                    p = replace(p, ablate=tuple(sorted(set(p.ablate) | set(c.value))))
+                elif c.kind == "force":
+                    p = replace(p, force=tuple(sorted(set(p.force) | set(c.value))))
+                elif c.kind == "bias":
+                    total = dict(p.bias)
+                    for e, b in c.value:
+                        total[e] = total.get(e, 0.0) + b
+                    p = replace(p, bias=tuple(sorted(total.items())))
                 elif p.value is not None:
                     raise RoutingOverrideError(f"routing override '{self}': two selection rules for layer {layer}")
                 else:
-                    p = LayerPlan(c.kind, c.value, p.ablate)
+                    p = replace(p, rule=c.kind, value=c.value)
                 out[layer] = p
         return out
 
@@ -146,21 +170,36 @@ class RoutingOverride:
             if bad:
                 raise RoutingOverrideError(f"routing override '{c}': layers {bad} are not MoE layers; "
                                            f"MoE layers: {moe}")
-            if c.kind == "ablate" and any(e < 0 or e >= total for e in c.value):
-                raise RoutingOverrideError(f"routing override '{c}': experts are 0..{total - 1}")
+            experts = [e for e, _ in c.value] if c.kind == "bias" else c.value if c.kind in ("ablate", "force") else []
+            if any(e < 0 or e >= total for e in experts):
+                raise RoutingOverrideError(f"routing override '{c}': expert out of range; experts are 0..{total - 1}")
             if c.kind == "topk" and not 1 <= c.value <= total:
                 raise RoutingOverrideError(f"routing override '{c}': k must be 1..{total}")
+        for layer, p in self.plans(moe).items():
+            both = sorted(set(p.force) & set(p.ablate))
+            if both:
+                raise RoutingOverrideError(f"routing override '{self}': experts {both} of layer {layer} are both "
+                                           f"forced and ablated; drop one of the two clauses")
+            k = int(p.value or adapter.top_k()) if p.rule == "topk" else total
+            if len(p.force) > k:
+                raise RoutingOverrideError(f"routing override '{self}': {len(p.force)} experts forced at layer {layer} "
+                                           f"but tokens use {k}; force at most {k} (or raise topk)")
 
 
 def _parse_clause(text: str) -> Clause:
-    m = re.fullmatch(r"(topk|topp|threshold|ablate):([^@]+)(?:@(.+))?", text.replace(" ", "").lower())
+    m = re.fullmatch(r"(topk|topp|threshold|ablate|forbid|force|bias):([^@]+)(?:@(.+))?", text.replace(" ", "").lower())
     if not m:
         raise RoutingOverrideError(f"cannot read routing override '{text}'; use {ACCEPTED}")
     kind, raw, at = m.groups()
-    try:
-        if kind == "ablate":
-            value: float | int | tuple[int, ...] = tuple(sorted({int(x) for x in raw.split(",") if x}))
+    kind = "ablate" if kind == "forbid" else kind
+    try:  # ValueError: a number that does not parse; bias pairs without '=' too
+        if kind in ("ablate", "force"):
+            value: float | int | tuple = tuple(sorted({int(x) for x in raw.split(",") if x}))
             ok = bool(value)
+        elif kind == "bias":
+            pairs = [x.split("=") for x in raw.split(",") if x]
+            value = tuple((int(e), float(b)) for e, b in pairs)
+            ok = bool(value) and all(math.isfinite(b) for _, b in value) and len({e for e, _ in value}) == len(value)
         elif kind == "topk":
             value = int(raw)
             ok = value >= 1
@@ -172,7 +211,8 @@ def _parse_clause(text: str) -> Clause:
         ok = False
     if not ok:
         raise RoutingOverrideError(f"cannot read routing override '{text}' (topk needs K >= 1, topp and "
-                                   f"threshold a value in (0, 1]); use {ACCEPTED}")
+                                   f"threshold a value in (0, 1], bias expert=value pairs with finite values); "
+                                   f"use {ACCEPTED}")
     return Clause(kind, value, layers)
 
 
@@ -201,13 +241,22 @@ def reroute(adapter, block: nn.Module, logits: torch.Tensor, plan: LayerPlan,
     n, total = logits.shape
     removed = torch.zeros(total, dtype=torch.bool, device=logits.device)
     removed[list(plan.ablate)] = True
+    if plan.bias:
+        shift = torch.zeros(total, dtype=logits.dtype, device=logits.device)
+        shift[[e for e, _ in plan.bias]] = torch.tensor([b for _, b in plan.bias], dtype=logits.dtype,
+                                                        device=logits.device)
+        logits = logits + shift
     logits = logits.masked_fill(removed, float("-inf"))
+    forced = torch.zeros_like(removed)
+    forced[list(plan.force)] = True
     if plan.rule == "topk":
         k = min(int(plan.value or adapter.top_k()), total - len(plan.ablate))
         scores = adapter.choice_scores(logits, block).masked_fill(removed, float("-inf"))
         if k > int(torch.isfinite(scores).sum(-1).min()):  # DeepSeek-V3: k beyond the allowed groups
             fallback = adapter.route_probs(logits, block) - 1e4
             scores = torch.where(torch.isinf(scores) & ~removed, fallback, scores)
+        if plan.force:  # forced experts rank first; the rest keep the family's order
+            scores = scores.masked_fill(forced, float("inf"))
         idx = torch.topk(scores, k, dim=-1, sorted=adapter.topk_sorted).indices
         valid = torch.ones_like(idx, dtype=torch.bool)
     else:
@@ -221,6 +270,11 @@ def reroute(adapter, block: nn.Module, logits: torch.Tensor, plan: LayerPlan,
         else:  # threshold; the best expert always stays
             keep = sorted_p >= plan.value
             keep[:, 0] = True
+        if plan.force:  # the chosen set plus the forced experts, forced first, then by probability
+            chosen = torch.zeros_like(keep).scatter_(1, order, keep) | forced
+            key = torch.where(forced, 2.0, torch.where(chosen, 1.0, 0.0)).expand(n, -1)
+            sorted_k, order = torch.sort(key + probs * 0.5, dim=-1, descending=True)
+            keep = sorted_k >= 1.0
         width = int(keep.sum(-1).max())
         idx, valid = order[:, :width], keep[:, :width]
     if idx.shape[1] < adapter.min_slots:

@@ -13,6 +13,8 @@ zero), and family-specific routing features are switched on so the adapters are 
 - ``longcat_flash``: 8 real + 4 zero-computation (identity) experts, top-3, so the number of real
   experts per token varies from 0 to 3; 2 decoder blocks (``num_hidden_layers`` counts 4 sublayers)
 - ``llama``: a dense model (no router)
+- ``qwen3_next`` (built on demand, not in ``TINY_ARCHS``): the Qwen2-MoE block with a gated shared expert
+  beside linear-attention layers
 
 Special ids: pad 0, bos 1, eos 2 (the tokenizer from :func:`save_tiny` uses the same ids).
 """
@@ -67,6 +69,11 @@ _SPECS: dict[str, tuple[str, str, dict]] = {
         "num_hidden_layers": 4, "routed_scaling_factor": 1.5, "kv_lora_rank": 16, "q_lora_rank": 24,
         "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "head_dim": 8, "v_head_dim": 8, "num_key_value_heads": 4}),
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    # not in TINY_ARCHS (its linear-attention layers run a slow reference kernel on CPU): built on demand
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", {
+        **_TOP2_OF_8, "num_experts": 8, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
+        "norm_topk_prob": True, "head_dim": 8, "linear_num_value_heads": 4, "linear_num_key_heads": 2,
+        "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_conv_kernel_dim": 4, "decoder_sparse_step": 1}),
 }
 
 

@@ -16,6 +16,8 @@ from routesae.report import facts
 from routesae.report import figures as F
 from routesae.report import findings as FD
 from routesae.report import routed_layers as RL
+from routesae.report.causal import TITLES as CAUSAL_TITLES
+from routesae.report.causal import causal_html
 from routesae.report.htmlkit import Page, document, esc, section, tok
 from routesae.report.load import Analysis, as_list, pick_layers, scalar, top_features
 
@@ -26,7 +28,7 @@ TOP_CONTEXTS = 3  # contexts of a latent shown before the collapsed rest
 WIDE_EXPERTS = 16  # an expert chart with more experts takes a whole grid row
 TITLES = {"findings": "Key findings", "evaluation": "Evaluation", "specialisation": "Expert specialisation",
           "load": "Load balance and collapse", "coldstart": "Cold start", "routing": "Dynamic routing",
-          "features": "Top features", "details": "Run details", "glossary": "Glossary"}
+          "features": "Top features", "details": "Run details", "glossary": "Glossary", **CAUSAL_TITLES}
 
 
 def context_html(tokens: list, acts: list, center: int, scale: float) -> str:
@@ -311,7 +313,7 @@ def render_html(a: Analysis, top_n: int = 30) -> str:
     if experts:
         sections += [("specialisation", _specialisation(a, page)), ("load", _load_balance(a, page)),
                      ("coldstart", _cold_start(a, page))]
-    sections += [("routing", _dynamic_routing(a, page)), ("features", _features(a, page, top_n)),
+    sections += [("routing", _dynamic_routing(a, page)), *causal_html(a, page), ("features", _features(a, page, top_n)),
                  ("details", _details(a, page))]
     sections = [(k, s) for k, s in sections if s]
     head = section("findings", TITLES["findings"], page.findings(items, TITLES), first=True)

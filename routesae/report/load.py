@@ -19,6 +19,9 @@ EXPERT_TABLES = ("expert_domain", "expert_stats", "layer_stats", "domain_layer",
                  "position_profile", "coactivation")
 FEATURE_TABLES = ("latents", "contexts", "latent_domains", "latent_experts", "expert_latents")
 TABLES = EXPERT_TABLES + FEATURE_TABLES
+CONTRAST_TABLE = "contrast"  # analysis/contrast.parquet (routesae analyze --contrast A:B)
+SHARED_DIR = "shared"  # RUN/shared/ (routesae analyze-shared MODEL --out RUN/shared)
+SHARED_TABLES = ("shared_layer", "shared_domain", "shared_position")
 # columns that hold lists (Parquet list columns; JSON strings in the CSV copies)
 LIST_COLUMNS = {
     "expert_stats": ("top_tokens", "top_token_shares"),
@@ -55,6 +58,10 @@ class Analysis:
     routing: Any = None  # RUN/routing/ (analyze-routing), a routesae.report.routing.RoutingResults or None
     # RUN/metrics.jsonl lines with routed-layer fractions (routesae.report.routed_layers.routing_log); may be empty
     routing_log: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # analysis/contrast.parquet: experts ranked by the activation-rate difference of two domains; may be empty
+    contrast: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # RUN/shared/: shared versus routed computation (tables by name, and "summary"); {} when absent
+    shared: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tables(self) -> dict[str, pd.DataFrame]:
@@ -123,9 +130,23 @@ def load_analysis(run: str | Path) -> Analysis:
     from routesae.report.routed_layers import read_routing_log
     from routesae.report.routing import ROUTING_DIR, load_routing
 
+    contrast = ana / f"{CONTRAST_TABLE}.parquet"
     return Analysis(run=run, dir=ana, summary=summary, settings=_read_json(ana / "settings.json"),
                     feature_count=_read_json(ana / "feature_count.json"), config=_read_json(run / "config.json"),
-                    eval=ev, routing=load_routing(run / ROUTING_DIR), routing_log=read_routing_log(run), **tables)
+                    eval=ev, routing=load_routing(run / ROUTING_DIR), routing_log=read_routing_log(run),
+                    contrast=pd.read_parquet(contrast) if contrast.is_file() else pd.DataFrame(),
+                    shared=load_shared(run / SHARED_DIR), **tables)
+
+
+def load_shared(folder: Path) -> dict[str, Any]:
+    """``RUN/shared/`` written by ``routesae analyze-shared``: its tables and ``summary``; {} when absent."""
+    if not (folder / "summary.json").is_file():
+        return {}
+    out: dict[str, Any] = {"summary": _read_json(folder / "summary.json")}
+    for name in SHARED_TABLES:
+        path = folder / f"{name}.parquet"
+        out[name] = pd.read_parquet(path) if path.is_file() else pd.DataFrame()
+    return out
 
 
 # ---------------------------------------------------------------- helpers for the renderers

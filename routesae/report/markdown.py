@@ -13,6 +13,7 @@ import pandas as pd
 from routesae.report import facts
 from routesae.report import findings as FD
 from routesae.report import routed_layers as RL
+from routesae.report.causal import causal_md
 from routesae.report.figures import bucket_order
 from routesae.report.html import TITLES, TOP_ROWS
 from routesae.report.load import Analysis, as_list, pick_layers, scalar, top_features
@@ -37,6 +38,7 @@ def render_markdown(a: Analysis, top_n: int = 30) -> str:
         body += [_experts_md(a, page), _load_md(a, page), _cold_start_md(a, page)]
     if a.routing is not None:
         body.append(_routing_md(a.routing, page))
+    body.append(causal_md(a, page))
     body += [_features_md(a, page, top_n), _details_md(a, page)]
     head = [f"# routesae report: {md(a.run.name)}\n\n_{md(a.model_name)} · {md(str(a.run))}_\n", _h("findings"),
             page.findings(FD.findings(a), TITLES)]
