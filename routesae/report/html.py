@@ -205,7 +205,8 @@ def _feature(a: Analysis, latent: int, page: Page) -> str:
     parts = [f"<div class='feature' id='latent-{latent}'><h3>Latent {latent}</h3>"]
     why = FD.explanation(r)
     if why:
-        parts.append(f"<p><b>{esc(why)}</b></p>")
+        note = FD.explanation_note(r)
+        parts.append(f"<p><b>{esc(why)}</b>" + (f" <span class='note'>({esc(note)})</span>" if note else "") + "</p>")
     parts.append(page.kv(facts.feature_facts(a, latent), FEATURE_TERMS))
     if r is not None:
         parts.append("<p>promotes: " + _chips(as_list(r.get("logit_pos")), as_list(r.get("logit_pos_values")))

@@ -149,7 +149,8 @@ def _feature_md(a: Analysis, latent: int) -> str:
     lines = [f"\n### Latent {latent}\n\n"]
     why = FD.explanation(r)
     if why:
-        lines.append(f"**{md(why)}**\n\n")
+        note = FD.explanation_note(r)
+        lines.append(f"**{md(why)}**" + (f" ({md(note)})" if note else "") + "\n\n")
     facts_row = "; ".join(f"{md(k)}: {md(facts.num(v))}" for k, v in facts.feature_facts(a, latent))
     lines.append(facts_row + "\n\n")
     if r is not None and as_list(r.get("logit_pos")):
