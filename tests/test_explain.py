@@ -253,6 +253,10 @@ def test_routing_probe_beats_unigram(demo_run):
     assert len(ee) == 8 * 32 and ee["explanation"].str.startswith("latent ").all()
     s = json.loads((out / "summary.json").read_text())
     assert s["tokens_train"] + s["tokens_test"] == 8192 and s["tokens_test"] > 1000
+    from routesae.report.build import ReportConfig, build_report
+
+    md = build_report(ReportConfig(run=str(demo_run), formats="md"))["report.md"].read_text()
+    assert "## Routing explained by features" in md and "SAE latents" in md and "raw residual" in md
 
 
 # ---------------------------------------------------------------- bad inputs

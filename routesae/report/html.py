@@ -26,7 +26,8 @@ TOP_CONTEXTS = 3  # contexts of a latent shown before the collapsed rest
 WIDE_EXPERTS = 16  # an expert chart with more experts takes a whole grid row
 TITLES = {"findings": "Key findings", "evaluation": "Evaluation", "specialisation": "Expert specialisation",
           "load": "Load balance and collapse", "coldstart": "Cold start", "routing": "Dynamic routing",
-          "features": "Top features", "details": "Run details", "glossary": "Glossary"}
+          "probe": "Routing explained by features", "features": "Top features", "details": "Run details",
+          "glossary": "Glossary"}
 
 
 def context_html(tokens: list, acts: list, center: int, scale: float) -> str:
@@ -289,6 +290,17 @@ def _dynamic_routing(a: Analysis, page: Page) -> str:
     return section("routing", TITLES["routing"], "".join(parts))
 
 
+def _probe(a: Analysis, page: Page) -> str:
+    """RUN/routing_probe/ from ``routesae explain-routing``; empty when the run has none."""
+    from routesae.report import probe as P
+
+    t = P.recall_table(a)
+    if t.empty:
+        return ""
+    return section("probe", TITLES["probe"], f"<p>{esc(P.NOTE)}</p>" + page.table(t) +
+                   "<h3>Experts explained by their predictive latents</h3>" + page.table(P.expert_table(a)))
+
+
 def _details(a: Analysis, page: Page) -> str:
     dom = a.summary.get("domains") or {}
     parts = [page.kv(facts.summary_rows(a))]
@@ -312,7 +324,8 @@ def render_html(a: Analysis, top_n: int = 30) -> str:
     if experts:
         sections += [("specialisation", _specialisation(a, page)), ("load", _load_balance(a, page)),
                      ("coldstart", _cold_start(a, page))]
-    sections += [("routing", _dynamic_routing(a, page)), ("features", _features(a, page, top_n)),
+    sections += [("routing", _dynamic_routing(a, page)), ("probe", _probe(a, page)),
+                 ("features", _features(a, page, top_n)),
                  ("details", _details(a, page))]
     sections = [(k, s) for k, s in sections if s]
     head = section("findings", TITLES["findings"], page.findings(items, TITLES), first=True)

@@ -37,7 +37,7 @@ def render_markdown(a: Analysis, top_n: int = 30) -> str:
         body += [_experts_md(a, page), _load_md(a, page), _cold_start_md(a, page)]
     if a.routing is not None:
         body.append(_routing_md(a.routing, page))
-    body += [_features_md(a, page, top_n), _details_md(a, page)]
+    body += [_probe_md(a), _features_md(a, page, top_n), _details_md(a, page)]
     head = [f"# routesae report: {md(a.run.name)}\n\n_{md(a.model_name)} · {md(str(a.run))}_\n", _h("findings"),
             page.findings(FD.findings(a), TITLES)]
     return "".join(head + body) + page.glossary()
@@ -184,6 +184,16 @@ def _details_md(a: Analysis, page: MdPage) -> str:
     if dom:
         out += ["\n**Domains**\n\n", page.table(pd.DataFrame({"domain": list(dom), "tokens": list(dom.values())}))]
     return "".join(out)
+
+
+def _probe_md(a: Analysis) -> str:
+    from routesae.report import probe as P
+
+    t = P.recall_table(a)
+    if t.empty:
+        return ""
+    return "".join([_h("probe"), md(P.NOTE), "\n\n", md_table(t, digits=3),
+                    "\n**Experts explained by their predictive latents**\n\n", md_table(P.expert_table(a))])
 
 
 def _routing_md(r: Any, page: MdPage) -> str:
