@@ -84,6 +84,12 @@ def explain_routing(
     epochs: int = typer.Option(8, help="Probe training epochs."),
     raw: bool = typer.Option(True, "--raw/--no-raw", help="Also fit the raw-residual probe (upper reference)."),
     explainer: str = typer.Option("tokens", help="Expert explanations: tokens (from their features, no LLM) or llm."),
+    needed_k: bool = typer.Option(False, "--needed-k/--no-needed-k",
+                                  help="Also regress each token's needed experts k' (analyze-routing's definition) "
+                                       "on its latents, by domain; runs the model."),
+    needed_tokens: int = typer.Option(16384, help="Tokens for --needed-k (k-1 extra forwards each)."),
+    eps: float = typer.Option(0.01, help="--needed-k: KL tolerance in nats."),
+    model: str | None = typer.Option(None, help="--needed-k: the model (default: the store's, when local)."),
     llm_url: str = typer.Option("http://127.0.0.1:8000/v1", help=LLM_URL_HELP),
     llm_model: str = typer.Option("smollm2", help="Model name sent to the endpoint."),
     llm_key_env: str = typer.Option("ROUTESAE_LLM_API_KEY", help=KEY_HELP),
@@ -91,6 +97,8 @@ def explain_routing(
 ) -> None:
     """Routing explained by features: predict each token's routed experts from its SAE latents (recall@k
     against unigram, bigram and raw-residual baselines); each expert's predictive features; RUN/routing_probe/."""
+    import pandas as pd
+
     from routesae.explain.client import LLMError
     from routesae.explain.probe import ProbeConfig
     from routesae.explain.probe_run import ProbeRunConfig, probe_run
@@ -101,12 +109,17 @@ def explain_routing(
         out = probe_run(ProbeRunConfig(run=str(run), store=str(store) if store else None,
                                        probe=ProbeConfig(tokens=tokens, epochs=epochs, raw=raw, device=device),
                                        explainer=explainer, llm=_llm(llm_url, llm_model, llm_key_env, 4),
-                                       device=device))
+                                       device=device, model=model, needed=needed_k, needed_tokens=needed_tokens,
+                                       eps=eps))
     except (*USER_ERRORS, LLMError) as exc:
         _fail(exc)
     s = json.loads((out / "summary.json").read_text())
     typer.echo(f"recall@{s['k']} on {s['tokens_test']:,} held-out tokens (mean over MoE layers): "
                + ", ".join(f"{m} {v:.3f}" for m, v in s["mean_recall"].items()))
+    if s.get("needed"):
+        nk = pd.read_parquet(out / "needed_k.parquet").set_index("domain").loc["all"]
+        typer.echo(f"needed k' (KL <= {s['needed']['eps']} nats): mean {nk['mean_needed_k']:.2f}; R² on held-out "
+                   f"tokens: latents {nk['r2_latents']:.3f}, token-id mean {nk['r2_unigram']:.3f}")
     typer.echo(f"tables in {out}")
 
 

@@ -238,7 +238,8 @@ def test_explanations_escaped_in_html(demo_run):
 
 
 def test_routing_probe_beats_unigram(demo_run):
-    res = runner.invoke(app, ["explain-routing", str(demo_run), "--tokens", "8192"])
+    res = runner.invoke(app, ["explain-routing", str(demo_run), "--tokens", "8192", "--needed-k", "--needed-tokens",
+                              "2048"])
     assert res.exit_code == 0, res.output
     out = demo_run / "routing_probe"
     rec = pd.read_parquet(out / "recall.parquet").pivot(index="layer", columns="method", values="recall")
@@ -253,6 +254,12 @@ def test_routing_probe_beats_unigram(demo_run):
     assert len(ee) == 8 * 32 and ee["explanation"].str.startswith("latent ").all()
     s = json.loads((out / "summary.json").read_text())
     assert s["tokens_train"] + s["tokens_test"] == 8192 and s["tokens_test"] > 1000
+    # needed k' regressed on latents: the latents explain held-out k' better than the token-id mean
+    nk = pd.read_parquet(out / "needed_k.parquet").set_index("domain")
+    assert nk.loc["all", "tokens"] > 300 and 1 <= nk.loc["all", "mean_needed_k"] <= 4
+    assert nk.loc["all", "r2_latents"] > nk.loc["all", "r2_unigram"], nk
+    nl = pd.read_parquet(out / "needed_latents.parquet")
+    assert (nl["contribution"] > 0).all() and "all" in set(nl["domain"])
     from routesae.report.build import ReportConfig, build_report
 
     md = build_report(ReportConfig(run=str(demo_run), formats="md"))["report.md"].read_text()

@@ -32,10 +32,16 @@ EXPERT_FEATURES = 3  # latents an expert's explanation is built from
 
 @dataclass
 class ProbeRunConfig:
-    """``explainer``: tokens (no LLM) or llm (then ``llm`` says which endpoint)."""
+    """``explainer``: tokens (no LLM) or llm (then ``llm`` says which endpoint). ``needed``: also regress each
+    token's needed k' (KL ``eps`` nats, over the first ``needed_tokens`` tokens) on its latents
+    (:mod:`routesae.explain.needed`; runs ``model``, default the store's, k times over those tokens)."""
 
     run: str
     store: str | None = None
+    model: str | None = None
+    needed: bool = False
+    needed_tokens: int = 16384
+    eps: float = 0.01
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     explainer: str = "tokens"
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -78,10 +84,13 @@ def probe_run(cfg: ProbeRunConfig) -> Path:
     ee = pd.DataFrame({"layer": [j for j, _, _ in groups], "expert": [e for _, e, _ in groups],
                        "explanation": texts, "explainer": who,
                        "latents": [g["latent"].head(EXPERT_FEATURES).tolist() for _, _, g in groups]})
+    tables = {"recall": res.recall, "domain_recall": res.domain_recall, "expert_features": ef,
+              "expert_explanations": ee}
+    if cfg.needed:
+        tables.update(_needed(cfg, store, sae, names))
     out = run / PROBE_DIR
     out.mkdir(parents=True, exist_ok=True)
-    for name, df in (("recall", res.recall), ("domain_recall", res.domain_recall), ("expert_features", ef),
-                     ("expert_explanations", ee)):
+    for name, df in tables.items():
         with atomic_path(out / f"{name}.parquet") as tmp:
             df.to_parquet(tmp, index=False)
     wide = res.recall.pivot(index="layer", columns="method", values="recall")
@@ -92,6 +101,23 @@ def probe_run(cfg: ProbeRunConfig) -> Path:
         "tokens_test": int(res.recall["tokens_test"].iloc[0]), "split": "by context: context % 10 < 7 train, else test",
         "mean_recall": {m: float(wide[m].mean()) for m in wide.columns}, "expert_explainer": who,
         "usage": usage, "probe": probe, "wall_s": round(time.time() - t0, 2),
+        "needed": {"eps": cfg.eps, "tokens": cfg.needed_tokens} if cfg.needed else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     log.info("routing probe of %s: mean recall@k %s", run, {m: round(float(wide[m].mean()), 3) for m in wide.columns})
     return out
+
+
+def _needed(cfg: ProbeRunConfig, store, sae, names: dict[int, str]) -> dict[str, pd.DataFrame]:
+    from routesae.evaluate import checked_model
+    from routesae.explain.needed import align, needed_k, regress
+    from routesae.explain.probe import probe_data
+
+    model = checked_model(cfg, store, sae.cfg.layers, dtype="float32", contexts=1)[0]
+    if model is None:
+        raise ValueError(f"--needed-k needs the store's model; pass --model (the store {store.root} names none "
+                         f"that is local)")
+    n = min(cfg.needed_tokens, cfg.probe.tokens)
+    d = probe_data(sae, store, cfg.probe.tokens, cfg.probe.device)
+    summary, lat = regress(d, align(d, needed_k(model, store, n, cfg.eps)), sae.cfg.n_latents, cfg.probe)
+    lat["explanation"] = [names.get(int(i)) for i in lat["latent"]]
+    return {"needed_k": summary, "needed_latents": lat}
