@@ -264,6 +264,7 @@ def test_routing_probe_beats_unigram(demo_run):
 
     md = build_report(ReportConfig(run=str(demo_run), formats="md"))["report.md"].read_text()
     assert "## Routing explained by features" in md and "SAE latents" in md and "raw residual" in md
+    assert "**Experts a token needs**" in md and "r2\\_latents" in md
 
 
 # ---------------------------------------------------------------- bad inputs

@@ -61,7 +61,8 @@ def explain_summary(run: str | Path) -> dict:
 
 
 def probe_tables(run: str | Path) -> dict[str, pd.DataFrame]:
-    """``recall, domain_recall, expert_features, expert_explanations`` of ``RUN/routing_probe`` (empty when absent)."""
+    """``recall, domain_recall, expert_features, expert_explanations, needed_k, needed_latents`` of
+    ``RUN/routing_probe`` (empty when absent)."""
     d = Path(run) / PROBE_DIR
     return {n: _read(d / f"{n}.parquet") for n in ("recall", "domain_recall", "expert_features",
-                                                   "expert_explanations")}
+                                                   "expert_explanations", "needed_k", "needed_latents")}

@@ -297,8 +297,10 @@ def _probe(a: Analysis, page: Page) -> str:
     t = P.recall_table(a)
     if t.empty:
         return ""
+    nk = P.needed_table(a)
+    more = f"<h3>Experts a token needs</h3><p>{esc(P.NEEDED_NOTE)}</p>" + page.table(nk) if not nk.empty else ""
     return section("probe", TITLES["probe"], f"<p>{esc(P.NOTE)}</p>" + page.table(t) +
-                   "<h3>Experts explained by their predictive latents</h3>" + page.table(P.expert_table(a)))
+                   "<h3>Experts explained by their predictive latents</h3>" + page.table(P.expert_table(a)) + more)
 
 
 def _details(a: Analysis, page: Page) -> str:

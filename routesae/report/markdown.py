@@ -192,8 +192,10 @@ def _probe_md(a: Analysis) -> str:
     t = P.recall_table(a)
     if t.empty:
         return ""
+    nk = P.needed_table(a)
+    more = ["\n**Experts a token needs**: ", md(P.NEEDED_NOTE), "\n\n", md_table(nk, digits=3)] if not nk.empty else []
     return "".join([_h("probe"), md(P.NOTE), "\n\n", md_table(t, digits=3),
-                    "\n**Experts explained by their predictive latents**\n\n", md_table(P.expert_table(a))])
+                    "\n**Experts explained by their predictive latents**\n\n", md_table(P.expert_table(a)), *more])
 
 
 def _routing_md(r: Any, page: MdPage) -> str:

@@ -29,3 +29,15 @@ def expert_table(a: Analysis, n: int = 12) -> pd.DataFrame:
     if ee is None or ee.empty:
         return pd.DataFrame()
     return ee.sort_values(["layer", "expert"]).head(n)[["layer", "expert", "explanation", "explainer"]]
+
+
+NEEDED_NOTE = ("Needed experts k' per token (the smallest k' whose top-k' routing at every MoE layer keeps the "
+               "next-token distribution within KL eps of the model's own) regressed on the latents: R² on "
+               "held-out contexts "
+               "against the token-id mean, by domain.")
+
+
+def needed_table(a: Analysis) -> pd.DataFrame:
+    """``routesae explain-routing --needed-k``: k' and R² by domain; empty without it."""
+    nk = (a.probe or {}).get("needed_k")
+    return pd.DataFrame() if nk is None or nk.empty else nk
