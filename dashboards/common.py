@@ -133,7 +133,7 @@ def feature_table(a: Analysis) -> pd.DataFrame:
         return pd.DataFrame()
     cols = [c for c in ("latent", "density", "count", "max_act", "mean_act", "top_domain", "top_domain_lift",
                         "top_expert_layer", "top_expert", "top_expert_lift", "top_routed_layer", "interpretable",
-                        "top_token") if c in lat]
+                        "top_token", "explanation", "detection_auc", "fuzzing_auc", "explanation_label") if c in lat]
     t = lat[cols].copy()
     if "top_expert" in t and "top_expert_layer" in t:  # -1 = none (dense model, or no MoE layer below)
         lay = t["top_expert_layer"].fillna(-1).astype(int)

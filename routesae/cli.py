@@ -33,6 +33,7 @@ app.add_typer(store_app, name="store")
 from .cli_causal import analyze_shared, contrast, steer  # noqa: E402
 from .cli_errors import USER_ERRORS  # noqa: E402
 from .cli_errors import fail as _fail  # noqa: E402
+from .cli_explain import explain, explain_routing, llm_app  # noqa: E402
 from .cli_store import store_info, store_verify  # noqa: E402
 from .cli_train import train  # noqa: E402
 
@@ -40,6 +41,9 @@ app.command()(train)
 app.command()(steer)
 app.command()(contrast)
 app.command("analyze-shared")(analyze_shared)
+app.command()(explain)
+app.command("explain-routing")(explain_routing)
+app.add_typer(llm_app, name="llm")
 store_app.command("info")(store_info)
 store_app.command("verify")(store_verify)
 ROUTING_OVERRIDE_HELP = ("Change routing during the forward: topk:K, topp:P, threshold:T, "

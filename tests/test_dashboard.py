@@ -384,3 +384,40 @@ def test_end_to_end_headless_chromium(run_with_model, tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait(timeout=30)
+
+
+def test_explanations_and_routing_probe(run):
+    """RUN/explanations and RUN/routing_probe (routesae explain / explain-routing): the feature page's header with
+    its label, the features table's explanation columns and search, the experts page's probe tab; all escaped."""
+    import pandas as pd
+
+    ex = run / "explanations"
+    ex.mkdir()
+    pd.DataFrame({"latent": [3, 4], "explanation": ["<script>alert(2)</script> *plural* nouns", "dates"],
+                  "explainer": ["llm:m", "tokens"], "created": ["1", "1"]}).to_parquet(ex / "explanations.parquet")
+    pd.DataFrame({"latent": [3, 3], "explainer": ["llm:m"] * 2, "scorer": ["detection", "fuzzing"],
+                  "judge": ["llm:m"] * 2, "accuracy": [0.8, 0.6], "auc": [0.9, 0.7]}).to_parquet(ex / "scores.parquet")
+    pr = run / "routing_probe"
+    pr.mkdir()
+    pd.DataFrame({"layer": [1, 1, 3, 3], "method": ["unigram", "latents"] * 2, "recall": [0.5, 0.6, 0.4, 0.7],
+                  "k": 2}).to_parquet(pr / "recall.parquet")
+    pd.DataFrame({"layer": [3, 3], "expert": [0, 0], "rank": [0, 1], "latent": [3, 4], "weight": [0.5, 0.2],
+                  "explanation": ["<b>x</b>", "dates"]}).to_parquet(pr / "expert_features.parquet")
+    pd.DataFrame({"layer": [3], "expert": [0], "explanation": ["<i>numbers</i>"], "explainer": ["tokens"],
+                  "latents": [[3, 4]]}).to_parquet(pr / "expert_explanations.parquet")
+    at = app({"feature": "3"})
+    assert any("plural" in m.value and "\\<script" in m.value for m in at.markdown)  # the header, escaped
+    assert any("LLM m, judged by LLM m: detection AUC 0.90, fuzzing AUC 0.70" in c.value.replace("\\", "")
+               for c in at.caption)
+    assert_no_raw_html(at)
+    at = app(page="views/features.py")
+    table = at.dataframe[0].value
+    assert {"explanation", "detection_auc", "explanation_label"} <= set(table.columns)
+    at.text_input(key="q").set_value("dates").run()
+    assert at.dataframe[0].value["latent"].tolist() == [4]
+    at = app(page="views/experts.py")
+    at.selectbox(key="layer").set_value(3).run()
+    assert any("latents" in d.value.columns and "unigram" in d.value.columns for d in at.dataframe)
+    assert any("\\<i\\>numbers" in m.value for m in at.markdown)
+    assert any("weight" in d.value.columns for d in at.dataframe)
+    assert_no_raw_html(at)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import streamlit as st
-from common import PAGES, get_analysis, open_feature, selected_row, visible
+from common import PAGES, get_analysis, md_text, open_feature, selected_row, visible
 from experts_causal import contrast_tab, shared_tab
 
 from routesae.report import facts
@@ -29,9 +29,9 @@ value = c2.segmented_control("Heatmap", list(HEAT), default="selectivity", key="
                                   "of all tokens. Ratios: log colour scale centred at 1.") or "selectivity"
 MIN_LOAD = facts.min_load_ratio(a)
 
-tab_spec, tab_load, tab_co, tab_lat, tab_con, tab_sh = st.tabs(
+tab_spec, tab_load, tab_co, tab_lat, tab_con, tab_sh, tab_why = st.tabs(
     ["Specialisation", "Load balance", "Co-activation & cold start", "Top latents per expert", "Behaviour contrast",
-     "Shared vs routed"])
+     "Shared vs routed", "Routing explained by features"])
 
 with tab_spec:
     if not a.expert_domain.empty:
@@ -142,3 +142,30 @@ with tab_con:
     contrast_tab(a)
 with tab_sh:
     shared_tab(a)
+with tab_why:
+    pr = a.probe or {}
+    rec, ef, ee = (pr.get(k) for k in ("recall", "expert_features", "expert_explanations"))
+    if rec is None or rec.empty:
+        st.info("No routing probe for this run: `routesae explain-routing RUN` predicts each token's experts from "
+                "its latents and names each expert's predictive features.")
+    else:
+        st.caption("Recall@k of the token's routed experts on held-out tokens (split by context): the SAE latents "
+                   "against the token's unigram and bigram expert frequencies and a linear probe on the raw "
+                   "residual (an upper reference).")
+        r = rec[rec["layer"] == layer].pivot_table(index="layer", columns="method", values="recall")
+        st.dataframe(r, width="stretch", key="probe_recall")
+        experts = sorted(int(e) for e in ef[ef["layer"] == layer]["expert"].unique()) if not ef.empty else []
+        if experts:
+            ex = st.selectbox("Expert", experts, key="probe_expert", format_func=lambda e: f"E{e}")
+            row = ee[(ee["layer"] == layer) & (ee["expert"] == ex)] if not ee.empty else ee
+            if not row.empty:
+                st.markdown(f"**E{ex}:** {md_text(row['explanation'].iloc[0])}")
+                st.caption(f"explained by {md_text(row['explainer'].iloc[0])} from its most predictive latents")
+            d = ef[(ef["layer"] == layer) & (ef["expert"] == ex)].sort_values("rank")
+            cols = [c for c in ("rank", "latent", "weight", "explanation") if c in d]
+            st.dataframe(d[cols], hide_index=True, width="stretch", key="probe_features",
+                         column_config={"weight": st.column_config.NumberColumn("probe weight", format="%.3f")})
+            links = st.columns(5)
+            for i, lat in enumerate(d["latent"].head(5)):
+                links[i].page_link(PAGES["features"], label=f"latent {int(lat)}", icon=":material/link:",
+                                   query_params={"feature": str(int(lat))})

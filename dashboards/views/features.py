@@ -19,6 +19,7 @@ from figures_extra import logit_lens, routed_layer_fractions
 
 from routesae.report import facts
 from routesae.report import figures as F
+from routesae.report import findings as FD
 from routesae.report.load import as_list, scalar
 
 a, ix = get_analysis()
@@ -41,6 +42,14 @@ TABLE_COLUMNS = {
                                                       help="the layer RouteSAE routes its tokens to most"),
     "interpretable": st.column_config.CheckboxColumn("interpretable"),
     "top_token": st.column_config.TextColumn("top token", help="most frequent activating token (↵ = newline)"),
+    "explanation": st.column_config.TextColumn("explanation", help="`routesae explain`: see the explainer column"),
+    "detection_auc": st.column_config.NumberColumn("detection AUC", format="%.2f",
+                                                   help="held-out activating vs non-activating contexts (0.5 = "
+                                                        "chance); the judge is in the explainer column"),
+    "fuzzing_auc": st.column_config.NumberColumn("fuzzing AUC", format="%.2f",
+                                                 help="right vs wrong marked tokens (0.5 = chance)"),
+    "explanation_label": st.column_config.TextColumn("explainer", help="which explainer wrote the explanation and "
+                                                                       "which judge scored it (LLM or no-LLM proxy)"),
 }
 SORTS = {"density": "density", "max activation": "max_act", "domain lift": "top_domain_lift",
          "expert lift": "top_expert_lift", "latent": "latent"}
@@ -64,8 +73,9 @@ def table_view() -> None:
         st.info("This analysis has no feature tables (latents.parquet).")
         return
     f1, f2, f3, f4 = st.columns([3, 2, 2, 2])
-    q = f1.text_input("Token contains", key="q", placeholder="e.g. def, the, (",
-                      help="substring of the most frequent activating token (case-insensitive)")
+    q = f1.text_input("Token or explanation contains", key="q", placeholder="e.g. def, the, (",
+                      help="substring of the most frequent activating token or of the explanation "
+                           "(case-insensitive)")
     doms = sorted({str(d) for d in t["top_domain"].dropna()}) if "top_domain" in t else []
     dom = f2.multiselect("Top domain", doms, key="dom")
     layers = sorted({int(x) for x in t["top_routed_layer"].dropna()}) if "top_routed_layer" in t else []
@@ -79,7 +89,10 @@ def table_view() -> None:
     interp = o4.toggle("interpretable only", value=False, key="interp")
     keep = pd.Series(True, index=t.index)
     if q:
-        keep &= t["top_token"].fillna("").str.contains(q, case=False, regex=False)
+        hit = t["top_token"].fillna("").str.contains(q, case=False, regex=False)
+        if "explanation" in t:
+            hit |= t["explanation"].fillna("").astype(str).str.contains(q, case=False, regex=False)
+        keep &= hit
     if dom:
         keep &= t["top_domain"].isin(dom)
     if lay:
@@ -134,6 +147,12 @@ def feature_view(latent: int) -> None:
         return
     if not scalar(r.get("count")):
         st.info("This latent never fired on the analysed tokens (dead).")
+    why = scalar(r.get("explanation"))
+    if why:
+        st.markdown(f"### {md_text(why)}")
+        note = FD.explanation_note(r)
+        if note:
+            st.caption(md_text(note) + " (AUC 0.5 = chance; `routesae explain`)")
 
     # ---- facts
     expert = facts.top_expert(r)  # None: a dense model, or no MoE layer at or below the routed layer

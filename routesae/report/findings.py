@@ -281,11 +281,22 @@ def cold_start_finding(a: Analysis) -> Finding | None:
 
 
 def explanation(row: pd.Series | dict | None) -> str | None:
-    """A latent's explanation (hook for auto-interpretation: a ``latents.explanation`` column); None when absent."""
+    """A latent's explanation (``latents.explanation``, joined from RUN/explanations by ``routesae explain``);
+    None when absent."""
     if row is None:
         return None
     v = scalar(row.get("explanation"))
     return str(v) if v else None
+
+
+def explanation_note(row: pd.Series | dict | None) -> str | None:
+    """Who explained the latent and its scores, e.g. ``LLM smollm2, judged by LLM smollm2: detection AUC 0.71,
+    fuzzing AUC 0.55``; None without an explanation label."""
+    if row is None or not scalar(row.get("explanation_label")):
+        return None
+    scores = [f"{s} AUC {scalar(row.get(f'{s}_auc')):.2f}" for s in ("detection", "fuzzing")
+              if isinstance(scalar(row.get(f"{s}_auc")), float)]
+    return str(scalar(row.get("explanation_label"))) + (": " + ", ".join(scores) if scores else "")
 
 
 def features_finding(a: Analysis, n: int = 3) -> Finding | None:

@@ -28,7 +28,8 @@ TOP_CONTEXTS = 3  # contexts of a latent shown before the collapsed rest
 WIDE_EXPERTS = 16  # an expert chart with more experts takes a whole grid row
 TITLES = {"findings": "Key findings", "evaluation": "Evaluation", "specialisation": "Expert specialisation",
           "load": "Load balance and collapse", "coldstart": "Cold start", "routing": "Dynamic routing",
-          "features": "Top features", "details": "Run details", "glossary": "Glossary", **CAUSAL_TITLES}
+          "probe": "Routing explained by features", "features": "Top features", "details": "Run details",
+          "glossary": "Glossary", **CAUSAL_TITLES}
 
 
 def context_html(tokens: list, acts: list, center: int, scale: float) -> str:
@@ -207,7 +208,8 @@ def _feature(a: Analysis, latent: int, page: Page) -> str:
     parts = [f"<div class='feature' id='latent-{latent}'><h3>Latent {latent}</h3>"]
     why = FD.explanation(r)
     if why:
-        parts.append(f"<p><b>{esc(why)}</b></p>")
+        note = FD.explanation_note(r)
+        parts.append(f"<p><b>{esc(why)}</b>" + (f" <span class='note'>({esc(note)})</span>" if note else "") + "</p>")
     parts.append(page.kv(facts.feature_facts(a, latent), FEATURE_TERMS))
     if r is not None:
         parts.append("<p>promotes: " + _chips(as_list(r.get("logit_pos")), as_list(r.get("logit_pos_values")))
@@ -290,6 +292,19 @@ def _dynamic_routing(a: Analysis, page: Page) -> str:
     return section("routing", TITLES["routing"], "".join(parts))
 
 
+def _probe(a: Analysis, page: Page) -> str:
+    """RUN/routing_probe/ from ``routesae explain-routing``; empty when the run has none."""
+    from routesae.report import probe as P
+
+    t = P.recall_table(a)
+    if t.empty:
+        return ""
+    nk = P.needed_table(a)
+    more = f"<h3>Experts a token needs</h3><p>{esc(P.NEEDED_NOTE)}</p>" + page.table(nk) if not nk.empty else ""
+    return section("probe", TITLES["probe"], f"<p>{esc(P.NOTE)}</p>" + page.table(t) +
+                   "<h3>Experts explained by their predictive latents</h3>" + page.table(P.expert_table(a)) + more)
+
+
 def _details(a: Analysis, page: Page) -> str:
     dom = a.summary.get("domains") or {}
     parts = [page.kv(facts.summary_rows(a))]
@@ -313,7 +328,8 @@ def render_html(a: Analysis, top_n: int = 30) -> str:
     if experts:
         sections += [("specialisation", _specialisation(a, page)), ("load", _load_balance(a, page)),
                      ("coldstart", _cold_start(a, page))]
-    sections += [("routing", _dynamic_routing(a, page)), *causal_html(a, page), ("features", _features(a, page, top_n)),
+    sections += [("routing", _dynamic_routing(a, page)), ("probe", _probe(a, page)), *causal_html(a, page),
+                 ("features", _features(a, page, top_n)),
                  ("details", _details(a, page))]
     sections = [(k, s) for k, s in sections if s]
     head = section("findings", TITLES["findings"], page.findings(items, TITLES), first=True)

@@ -62,6 +62,8 @@ class Analysis:
     contrast: pd.DataFrame = field(default_factory=pd.DataFrame)
     # RUN/shared/: shared versus routed computation (tables by name, and "summary"); {} when absent
     shared: dict[str, Any] = field(default_factory=dict)
+    # RUN/routing_probe/ (routesae explain-routing): recall, domain_recall, expert_features, expert_explanations
+    probe: dict[str, pd.DataFrame] = field(default_factory=dict)
 
     @property
     def tables(self) -> dict[str, pd.DataFrame]:
@@ -127,15 +129,18 @@ def load_analysis(run: str | Path) -> Analysis:
             tables[name] = pd.read_parquet(path)
     summary = _read_json(ana / "summary.json")
     ev = _read_json(run / "eval.json") or dict(summary.get("eval") or {})
+    from routesae.explain.tables import latest_explanations, probe_tables
     from routesae.report.routed_layers import read_routing_log
     from routesae.report.routing import ROUTING_DIR, load_routing
 
+    if "latents" in tables:  # RUN/explanations (routesae explain): explanation, its label and mean scores per latent
+        tables["latents"] = with_explanations(tables["latents"], latest_explanations(run))
     contrast = ana / f"{CONTRAST_TABLE}.parquet"
     return Analysis(run=run, dir=ana, summary=summary, settings=_read_json(ana / "settings.json"),
                     feature_count=_read_json(ana / "feature_count.json"), config=_read_json(run / "config.json"),
                     eval=ev, routing=load_routing(run / ROUTING_DIR), routing_log=read_routing_log(run),
                     contrast=pd.read_parquet(contrast) if contrast.is_file() else pd.DataFrame(),
-                    shared=load_shared(run / SHARED_DIR), **tables)
+                    shared=load_shared(run / SHARED_DIR), probe=probe_tables(run), **tables)
 
 
 def load_shared(folder: Path) -> dict[str, Any]:
@@ -146,6 +151,19 @@ def load_shared(folder: Path) -> dict[str, Any]:
     for name in SHARED_TABLES:
         path = folder / f"{name}.parquet"
         out[name] = pd.read_parquet(path) if path.is_file() else pd.DataFrame()
+    return out
+
+
+def with_explanations(latents: pd.DataFrame, ex: pd.DataFrame) -> pd.DataFrame:
+    """``latents`` with the explanation columns of ``RUN/explanations`` joined (an ``explanation`` column already
+    in the table is kept where no newer one exists)."""
+    if ex.empty:
+        return latents
+    cols = [c for c in ex.columns if c != "latent"]
+    base = latents.drop(columns=[c for c in cols if c in latents and c != "explanation"])
+    out = base.merge(ex, on="latent", how="left", suffixes=("_old", ""))
+    if "explanation_old" in out:
+        out["explanation"] = out["explanation"].where(out["explanation"].notna(), out.pop("explanation_old"))
     return out
 
 

@@ -38,6 +38,7 @@ def render_markdown(a: Analysis, top_n: int = 30) -> str:
         body += [_experts_md(a, page), _load_md(a, page), _cold_start_md(a, page)]
     if a.routing is not None:
         body.append(_routing_md(a.routing, page))
+    body.append(_probe_md(a))
     body.append(causal_md(a, page))
     body += [_features_md(a, page, top_n), _details_md(a, page)]
     head = [f"# routesae report: {md(a.run.name)}\n\n_{md(a.model_name)} · {md(str(a.run))}_\n", _h("findings"),
@@ -151,7 +152,8 @@ def _feature_md(a: Analysis, latent: int) -> str:
     lines = [f"\n### Latent {latent}\n\n"]
     why = FD.explanation(r)
     if why:
-        lines.append(f"**{md(why)}**\n\n")
+        note = FD.explanation_note(r)
+        lines.append(f"**{md(why)}**" + (f" ({md(note)})" if note else "") + "\n\n")
     facts_row = "; ".join(f"{md(k)}: {md(facts.num(v))}" for k, v in facts.feature_facts(a, latent))
     lines.append(facts_row + "\n\n")
     if r is not None and as_list(r.get("logit_pos")):
@@ -185,6 +187,18 @@ def _details_md(a: Analysis, page: MdPage) -> str:
     if dom:
         out += ["\n**Domains**\n\n", page.table(pd.DataFrame({"domain": list(dom), "tokens": list(dom.values())}))]
     return "".join(out)
+
+
+def _probe_md(a: Analysis) -> str:
+    from routesae.report import probe as P
+
+    t = P.recall_table(a)
+    if t.empty:
+        return ""
+    nk = P.needed_table(a)
+    more = ["\n**Experts a token needs**: ", md(P.NEEDED_NOTE), "\n\n", md_table(nk, digits=3)] if not nk.empty else []
+    return "".join([_h("probe"), md(P.NOTE), "\n\n", md_table(t, digits=3),
+                    "\n**Experts explained by their predictive latents**\n\n", md_table(P.expert_table(a)), *more])
 
 
 def _routing_md(r: Any, page: MdPage) -> str:

@@ -19,6 +19,15 @@ FEATURE (all keys always present; what routesae does not compute is an empty lis
     n_tokens_in_prompt                 tokens per exported context window (2 * context_window + 1)
     dataset                            the store the analysis read
     activations                        [ACTIVATION, ...]: top contexts first, then the quantile samples
+    explanations                       [] or, after `routesae explain`, one EXPLANATION (Neuronpedia's
+                                       explanation upload fields)
+
+EXPLANATION::
+
+    description                        the explanation text
+    explanationModelName               the LLM (``smollm2``) or ``routesae-tokens`` (token explainer, no LLM)
+    typeName                           ``routesae-llm-v1`` / ``routesae-tokens-v1`` (explainer and prompt version)
+    scores                             {"detection_auc", "fuzzing_auc", "judge"} (null when not scored)
 
 ACTIVATION::
 
@@ -48,7 +57,7 @@ FEATURE_KEYS = (
     "correlated_features_indices", "correlated_features_l1", "correlated_features_pearson", "neg_str", "neg_values",
     "pos_str", "pos_values", "frac_nonzero", "freq_hist_data_bar_values", "freq_hist_data_bar_heights",
     "logits_hist_data_bar_heights", "logits_hist_data_bar_values", "n_prompts_total", "n_tokens_in_prompt",
-    "dataset", "decoder_weights_dist", "activations")
+    "dataset", "decoder_weights_dist", "activations", "explanations")
 ACTIVATION_KEYS = ("bin_min", "bin_max", "bin_contains", "tokens", "values")
 
 
@@ -114,8 +123,21 @@ def feature_json(a: Analysis, row: dict, ctx: list[dict], n_bins: int) -> dict[s
         "n_prompts_total": 0, "n_tokens_in_prompt": 2 * int(window) + 1 if window else 0,
         "dataset": str(a.summary.get("store") or a.eval.get("store") or ""),
         "activations": acts,
+        "explanations": _explanations(row),
     })
     return feat
+
+
+def _explanations(row: dict) -> list[dict[str, Any]]:
+    text, who = scalar(row.get("explanation")), scalar(row.get("explainer"))
+    if not text:
+        return []
+    llm = isinstance(who, str) and who.startswith("llm:")
+    model = who[4:] if llm else "routesae-tokens"
+    return [{"description": str(text), "explanationModelName": model,
+             "typeName": f"routesae-{'llm' if llm else 'tokens'}-v1",
+             "scores": {"detection_auc": scalar(row.get("detection_auc")),
+                        "fuzzing_auc": scalar(row.get("fuzzing_auc")), "judge": scalar(row.get("judge"))}}]
 
 
 def batch_header(a: Analysis) -> dict[str, Any]:
