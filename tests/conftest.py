@@ -72,3 +72,18 @@ def one_thread(monkeypatch):
     monkeypatch.setenv("MKL_NUM_THREADS", "1")
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models():
+    """``models(arch)``: a tiny random model of ``arch`` (routesae.models.tiny), built once per test module."""
+    from routesae.models.tiny import build_tiny
+
+    cache: dict = {}
+
+    def get(arch):
+        if arch not in cache:
+            cache[arch] = build_tiny(arch)
+        return cache[arch]
+
+    return get

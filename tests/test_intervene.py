@@ -9,22 +9,10 @@ import torch
 
 from routesae.models.intervene import LayerPlan, RoutingOverride, RoutingOverrideError, override_routing, reroute
 from routesae.models.routers import adapter_for
-from routesae.models.tiny import TINY_ARCHS, build_tiny
+from routesae.models.tiny import TINY_ARCHS
 from tests.test_routing import one_thread  # noqa: F401  (fixture: one torch thread in this module)
 
 MOE_ARCHS = [a for a in TINY_ARCHS if a != "llama"]
-
-
-@pytest.fixture(scope="module")
-def models():
-    cache: dict[str, torch.nn.Module] = {}
-
-    def get(arch):
-        if arch not in cache:
-            cache[arch] = build_tiny(arch)
-        return cache[arch]
-
-    return get
 
 
 def _ids():

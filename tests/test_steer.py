@@ -31,18 +31,6 @@ from tests.test_routing import one_thread  # noqa: F401  (fixture: one torch thr
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def models():
-    cache: dict[str, torch.nn.Module] = {}
-
-    def get(arch):
-        if arch not in cache:
-            cache[arch] = build_tiny(arch)
-        return cache[arch]
-
-    return get
-
-
 def _ids(b=2, t=10):
     return torch.randint(3, 320, (b, t), generator=torch.Generator().manual_seed(3))
 
