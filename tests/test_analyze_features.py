@@ -17,9 +17,9 @@ from routesae.analyze.features import (
     count_interpretable,
     feature_tables,
     iter_chunks,
-    logit_lens,
     store_domains,
 )
+from routesae.analyze.lens import logit_lens
 from routesae.analyze.run import AnalyzeConfig, analyze
 from routesae.sae import SAEConfig, build_sae
 from routesae.store import TOKENS_DIR
