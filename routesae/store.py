@@ -446,9 +446,10 @@ class Store:
                 resid, router, rows = self._load_group(group, layer, with_router)
                 for b in range(n_batches):
                     if emitted >= start_batch:
-                        idx = perm[b * batch_size:(b + 1) * batch_size]
-                        yield Batch(resid[idx].float(),
-                                    {k: v[idx] for k, v in router.items()} if router else None, rows[idx])
+                        idx = perm[b * batch_size:(b + 1) * batch_size]  # index_select: ~3x faster than resid[idx]
+                        yield Batch(resid.index_select(0, idx).float(),
+                                    {k: v.index_select(0, idx) for k, v in router.items()} if router else None,
+                                    rows.index_select(0, idx))
                     emitted += 1
             epoch += 1
 
