@@ -55,9 +55,9 @@ class TopKReLU(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g_val: Tensor, _g_idx: Tensor | None) -> tuple[Tensor | None, ...]:
-        # custom_bwd runs this under the forward's autocast state, in which sparse.mm's inner addmm would
-        # cast the COO matrix to bf16 (not the float32 ``work`` below, and with no bf16 sparse kernel in
-        # some torch builds): the backward's products run with autocast off.
+        # custom_bwd runs this under the forward's autocast state, in which the sparse products' inner addmm
+        # would cast to bf16 (not the float32 ``work`` below, and with no bf16 sparse kernel in some torch
+        # builds): the backward's products run with autocast off.
         with torch.autocast(device_type="cuda", enabled=False):
             return TopKReLU._sparse_backward(ctx, g_val)
 
@@ -117,8 +117,8 @@ class TopKEncodeDecode(torch.autograd.Function):
 
     The same values as :class:`TopKReLU` followed by :func:`sparse_decode`; its backward sorts the
     active pairs once (:class:`LatentIndex`) for the gradients of both ``W_dec`` and ``W_enc``, and
-    takes the gradient of the code values from ``embedding_bag``'s per-sample-weight backward without
-    its dense ``W_dec`` gradient. Inputs as :class:`TopKReLU` plus ``W_dec [M, d]``.
+    computes the code values' gradient with :func:`code_grad` (one dot product per active pair).
+    Inputs as :class:`TopKReLU` plus ``W_dec [M, d]``.
     """
 
     @staticmethod
