@@ -178,18 +178,22 @@ def time_ours(bc: BenchConfig, arch: str, run: int, latents: int | None = None, 
     return bc.steps * bc.batch_tokens / (marks["t1"] - marks["t0"])
 
 
-def saelens_batches(bc: BenchConfig) -> list[torch.Tensor]:
-    """The rows our TopK run reads (same store, layer, seed, batch size), standardised per token."""
-    from routesae.sae.ops import standardize
+def _our_batches(bc: BenchConfig, arch: str) -> list[torch.Tensor]:
+    """The first ``warmup + steps + 1`` raw batches our ``arch`` run reads (same store, layers, seed, batch size)."""
     from routesae.train import TrainConfig
     from routesae.train_setup import batches, resolve
 
-    store, _, latents, _, _ = _resolved(bc)
-    cfg = TrainConfig(store=bc.store, out="-", arch="topk", k=bc.k, latents=latents, batch_tokens=bc.batch_tokens,
-                      seed=bc.seed)
+    store = Store(bc.store)
+    cfg = TrainConfig(store=bc.store, out="-", arch=arch, k=bc.k, batch_tokens=bc.batch_tokens, seed=bc.seed)
     stream = batches(store, cfg, resolve(cfg, store, 1), 0)
-    n = bc.warmup + bc.steps + 1
-    return [standardize(next(stream))[0].to(bc.device) for _ in range(n)]
+    return [next(stream).to(bc.device) for _ in range(bc.warmup + bc.steps + 1)]
+
+
+def saelens_batches(bc: BenchConfig) -> list[torch.Tensor]:
+    """The rows our TopK run reads (same store, layer, seed, batch size), standardised per token."""
+    from routesae.sae.ops import standardize
+
+    return [standardize(b)[0] for b in _our_batches(bc, "topk")]
 
 
 def time_saelens(bc: BenchConfig, batches: list[torch.Tensor], sparse: bool) -> float:
@@ -252,13 +256,7 @@ def bench(bc: BenchConfig, log=print) -> dict:
 
 def reference_batches(bc: BenchConfig) -> list[torch.Tensor]:
     """The raw ``[B, L', d]`` rows our RouteSAE run reads (same store, seed, batch size), in memory."""
-    from routesae.train import TrainConfig
-    from routesae.train_setup import batches, resolve
-
-    store = Store(bc.store)
-    cfg = TrainConfig(store=bc.store, out="-", arch="routesae", k=bc.k, batch_tokens=bc.batch_tokens, seed=bc.seed)
-    stream = batches(store, cfg, resolve(cfg, store, 1), 0)
-    return [next(stream).to(bc.device) for _ in range(bc.warmup + bc.steps + 1)]
+    return _our_batches(bc, "routesae")
 
 
 def time_reference(bc: BenchConfig, batches: list[torch.Tensor], latents: int) -> float:

@@ -28,8 +28,8 @@ from routesae.recipe import DecoderConstraint
 from routesae.sae.kernels import encoder_preacts, select_topk, sparse_decode
 from routesae.sae.ops import nmse
 from routesae.store import Store
-from routesae.train import TrainConfig
-from routesae.train_setup import batches, initial_sae, resolve
+from routesae.train import TrainConfig, check_run, device_name
+from routesae.train_setup import batches, initial_sae
 
 PHASES = ["data: store read + shuffle", "fwd: standardise + route", "fwd: sparse SAE", "fwd: loss + statistics",
           "bwd: loss", "bwd: sparse SAE", "bwd: router + standardise", "decoder-gradient projection",
@@ -56,14 +56,10 @@ def profile_step(cfg: TrainConfig, steps: int = 20, warmup: int = 3) -> dict:
     """Median milliseconds per phase over ``steps`` steps (after ``warmup``), and the split of the encoder."""
     store = Store(cfg.store)
     cfg = replace(cfg, progress=False).validate()
-    r = resolve(cfg, store, 1)
-    device = torch.device(cfg.device if cfg.device != "auto" else "cpu")
-    from routesae.sae import SAEConfig
-
-    sae_cfg = SAEConfig(arch=cfg.arch, d_in=store.d_model, n_latents=r["latents"], k=cfg.k, layers=r["layers"],
-                        routing=cfg.routing, pooling=cfg.pooling, aux_k=cfg.aux_k, router=cfg.router,
-                        aux_coef=cfg.aux_coef, dead_tokens=r["dead_tokens"], route_balance=cfg.route_balance)
-    sae = initial_sae(cfg, sae_cfg, store, r, device)
+    plan = check_run(cfg, store, 1)  # the resolved defaults and SAE config of `routesae train` (writes nothing)
+    r = plan.r
+    device = torch.device(device_name(cfg.device))
+    sae = initial_sae(cfg, plan.sae_cfg, store, r, device)
     opt = torch.optim.Adam(sae.parameters(), lr=r["lr"], betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     constraint = DecoderConstraint(cfg.decoder_norm, cfg.renorm_every)
     stream = batches(store, cfg, r, 0)

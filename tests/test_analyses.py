@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import importlib
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.analyses_scripts import import_script, script_fixture
 from tests.analysis_fixture import make_analysis
 
-ANALYSES = Path(__file__).resolve().parents[1] / "analyses"
-
-
-@pytest.fixture(scope="module")
-def steps():
-    sys.path.insert(0, str(ANALYSES))
-    try:
-        yield importlib.import_module("experiment_steps")
-    finally:
-        sys.path.remove(str(ANALYSES))
-        sys.modules.pop("experiment_steps", None)
+steps = script_fixture("experiment_steps")
 
 
 def test_write_section_replaces_only_its_block(steps, tmp_path):
@@ -58,16 +47,8 @@ def test_specialisation_render_escapes_corpus_text(steps, tmp_path):
     assert all(p.exists() and p.stat().st_size < 300_000 for p in paths)
 
 
-def _script(name: str):
-    sys.path.insert(0, str(ANALYSES))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(ANALYSES))
-
-
 def test_routing_study_token_classes_and_layer_profile():
-    rs = _script("routing_study")
+    rs = import_script("routing_study")
     assert [rs.token_class(t, p) for t, p in [("<|bos|>", 0), ("\n", 3), (" ,", 1), ("42", 2), (" the", 5),
                                                ("ing", 6), (" x2", 7), ("  ", 8)]] == [
         "first position", "newline", "punctuation", "digits", "word start", "word piece", "other", "other"]
@@ -84,7 +65,7 @@ def test_routing_study_token_classes_and_layer_profile():
 
 
 def test_recipe_ablation_summary_and_verdict():
-    ra = _script("recipe_ablation")
+    ra = import_script("recipe_ablation")
     rows = [{"name": n, "k": 32, "seed": s, "nmse": v, "kl": v, "ce_rec": None, "nmse_insample": v,
              "train_nmse_last": v, "dead": 0.0, "entropy": 0.5, "hist": [0.5, 0.5]}
             for n, vals in (("default", [0.30, 0.31, 0.32]), ("reference", [0.35, 0.36, 0.37]))

@@ -3,9 +3,7 @@ against a real capture of tiny models."""
 
 from __future__ import annotations
 
-import importlib
 import struct
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,18 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from routesae.models.tiny import tiny_config
+from tests.analyses_scripts import script_fixture
 
-ANALYSES = Path(__file__).resolve().parents[1] / "analyses"
-
-
-@pytest.fixture(scope="module")
-def sizing():
-    sys.path.insert(0, str(ANALYSES))
-    try:
-        yield importlib.import_module("sizing")
-    finally:
-        sys.path.remove(str(ANALYSES))
-        sys.modules.pop("sizing", None)
+sizing = script_fixture("sizing")
 
 
 def _meta_params(conf) -> int:
