@@ -89,12 +89,14 @@ def test_fused_encode_decode_equals_dense_values_and_grads(dtype):
 
 def test_encoder_preacts_onednn_equals_addmm(monkeypatch):
     """The CPU oneDNN linear and torch.addmm compute the same float32 product (and float64 falls back)."""
+    from routesae import onednn
     from routesae.sae import kernels
 
     torch.manual_seed(4)
     x, w, b = torch.randn(257, 24), torch.randn(24, 96), torch.randn(96)
     fast = kernels.encoder_preacts(x, w, b)
-    monkeypatch.setitem(kernels.ONEDNN, "enabled", False)
+    assert onednn.usable(x, w, b) == torch.backends.mkldnn.is_available()
+    monkeypatch.setitem(onednn.ONEDNN, "enabled", False)
     torch.testing.assert_close(fast, torch.addmm(b, x, w), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(kernels.encoder_preacts(x, w, b), torch.addmm(b, x, w), atol=0, rtol=0)
     torch.testing.assert_close(kernels.encoder_preacts(x.double(), w.double(), b.double()),

@@ -44,6 +44,7 @@ from routesae.corpus import ContextBuilder, CorpusConfig, iter_documents
 from routesae.layers import parse_layers
 from routesae.models import intervene
 from routesae.models.adapters import _experts_inputs
+from routesae.models.cpu_inference import cpu_inference
 from routesae.models.intervene import LayerPlan, RoutingOverride, override_routing, scored_experts
 from routesae.models.load import ModelConfig, base_model, decoder_layers, first_device, load_model
 from routesae.models.routers import adapter_for
@@ -287,17 +288,25 @@ class _FastForward(_Forward):
         """``(kl [n], ce [n])`` of the analysed tokens (NaN outside ``rows`` and, for CE, without a next token)."""
         x = h.reshape(-1, h.shape[-1])[self.keep]
         n = len(x)
-        sel = torch.arange(n, device=x.device) if rows is None else rows.to(x.device).nonzero().squeeze(1)
+        want = torch.ones(n, dtype=torch.bool, device=x.device) if rows is None else rows.to(x.device)
         kls = torch.full((n,), float("nan"), device=x.device)
         ces = torch.full((n,), float("nan"), device=x.device)
-        step = max(1, (2 ** 19 if x.device.type == "cpu" else 2 ** 25) // self.lp0.shape[-1])
-        for c in sel.split(step):
+        step = max(1, (2 ** 22 if x.device.type == "cpu" else 2 ** 25) // self.lp0.shape[-1])
+        for c in _chunks(want, step):
             lq = torch.log_softmax(self.lm_head(self.norm(x[c])).float(), -1)
             if kl:
                 kls[c] = (self.p0[c] * (self.lp0[c] - lq)).sum(-1).clamp_min(0)
             ces[c] = -lq.gather(-1, self.tgt[c, None]).squeeze(-1)
         ces[~self.has_tgt] = float("nan")
         return kls.cpu().numpy(), ces.cpu().numpy()
+
+
+def _chunks(mask: torch.Tensor, step: int):
+    """Row selectors of the True rows of ``mask``, ``step`` at a time (slices when every row is True)."""
+    if bool(mask.all()):
+        yield from (slice(i, i + step) for i in range(0, len(mask), step))
+    else:
+        yield from mask.nonzero().squeeze(1).split(step)
 
 
 def _combine(ids, ys, idx, w):
@@ -363,7 +372,8 @@ def analyze_routing(cfg: RoutingAnalysisConfig, model=None, tokenizer=None, fast
     """Write the dynamic-routing tables and ``summary.json`` into ``cfg.out``; returns that folder.
 
     ``model`` / ``tokenizer``: an already loaded Hugging Face MoE causal LM (else ``cfg.model`` is loaded).
-    ``fast=False`` runs every override as a full forward (the reference the fast path is tested against)."""
+    ``fast=False`` runs every override as a full forward with the stock kernels (the reference the fast
+    path is tested against); the fast path runs on CPU with :func:`~routesae.models.cpu_inference.cpu_inference`."""
     t0 = time.time()
     if model is None:
         model, tokenizer = load_model(ModelConfig(cfg.model, cfg.dtype, cfg.device, None, cfg.trust_remote_code))
@@ -378,8 +388,9 @@ def analyze_routing(cfg: RoutingAnalysisConfig, model=None, tokenizer=None, fast
     if first_device(model).type == "cpu" and previous not in (None, "eager") and hasattr(
             model, "set_experts_implementation"):
         model.set_experts_implementation("eager")
-    try:
-        acc, done = _collect(cfg, model, tokenizer, adapter, grid, fast)
+    try:  # the fast path also takes the faster CPU kernels (routesae.models.cpu_inference)
+        with cpu_inference(model) if fast else contextlib.nullcontext():
+            acc, done = _collect(cfg, model, tokenizer, adapter, grid, fast)
     finally:
         if previous not in (None, "eager") and model.config._experts_implementation != previous:
             model.set_experts_implementation(previous)

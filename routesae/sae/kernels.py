@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from routesae import onednn
+
 # LatentIndex builds CSR matrices on purpose; torch warns once per process that CSR is "beta"
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
 
@@ -175,23 +177,11 @@ def topk_encode_decode(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor,
     return TopKEncodeDecode.apply(x, W_enc, b_enc, W_dec, k)
 
 
-ONEDNN = {"enabled": True}  # set False to force torch.addmm (tests compare both)
-
-
 def encoder_preacts(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
-    """``x @ W_enc + b_enc`` ``[N, M]`` in one pass (the dense half of the encoder).
-
-    On CPU in float32 this runs oneDNN's fused linear (``torch.ops.mkldnn._linear_pointwise``, the
-    kernel torch's compiler uses for CPU linear layers) instead of ``torch.addmm``'s BLAS call: the
-    same float32 product, 2-2.5x faster on the AVX-512 CPUs measured (docs/RESULTS.md). Where the op
-    is missing or refuses (another torch build), ``torch.addmm`` takes over for the rest of the process.
-    """
-    if (ONEDNN["enabled"] and x.device.type == "cpu" and x.dtype == W_enc.dtype == b_enc.dtype == torch.float32
-            and torch.backends.mkldnn.is_available()):
-        try:
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), W_enc.t().contiguous(), b_enc, "none", [], "")
-        except (AttributeError, RuntimeError, NotImplementedError):
-            ONEDNN["enabled"] = False
+    """``x @ W_enc + b_enc`` ``[N, M]`` in one pass (the dense half of the encoder): oneDNN's fused
+    linear on CPU in float32 (:mod:`routesae.onednn`), else ``torch.addmm``."""
+    if onednn.usable(x, W_enc, b_enc):
+        return onednn.linear(x, W_enc.t(), b_enc)
     return torch.addmm(b_enc, x, W_enc)
 
 
