@@ -13,6 +13,8 @@ from pathlib import Path
 
 import typer
 
+from routesae.malloc import tune_malloc
+
 app = typer.Typer(
     name="routesae",
     help="Interpret Mixture-of-Experts language models: capture residuals and routing, train RouteSAE, "
@@ -462,6 +464,7 @@ def data_build_corpus(
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    tune_malloc()  # glibc: reuse freed memory (routesae.malloc; ROUTESAE_MALLOC=0 turns it off)
     app()
 
 
