@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from routesae.analyze import routing
+from routesae.analyze import routing_forward
 from routesae.analyze.routing import RoutingAnalysisConfig, analyze_routing
 from routesae.analyze.routing_tables import compare_tables
 
@@ -66,8 +66,8 @@ def test_fast_forward_replays_the_clean_pass(tiny_ckpt):
     adapter = adapter_for(model)
     torch.manual_seed(0)
     ids, mask, keep = _batch()
-    ref = routing._Forward(model, adapter, ids, mask, keep)
-    fw = routing._FastForward(model, adapter, ids, mask, keep, starts=[0, 2, 3])
+    ref = routing_forward.Forward(model, adapter, ids, mask, keep)
+    fw = routing_forward.FastForward(model, adapter, ids, mask, keep, starts=[0, 2, 3])
     assert fw.ok and len(fw.ids) == 2 and len(fw.ce_own) == int(keep.sum())  # the empty sequence is not run
     assert [fw.entry[i][0] for i in (0, 2, 3)] == ["mid"] * 3 and sorted(fw.cache) == [0, 2, 3]
     np.testing.assert_allclose(fw.ce_own, ref.ce_own, atol=1e-6)
@@ -86,8 +86,8 @@ def test_fast_forward_replays_the_clean_pass(tiny_ckpt):
 
 
 def test_fast_path_falls_back_when_the_head_differs(tiny_ckpt, corpus_jsonl, tmp_path, monkeypatch):
-    monkeypatch.setattr(routing._FastForward, "_check_head", lambda self, last: False)
-    monkeypatch.setattr(routing._FastForward, "final", None)  # never called
+    monkeypatch.setattr(routing_forward.FastForward, "_check_head", lambda self, last: False)
+    monkeypatch.setattr(routing_forward.FastForward, "final", None)  # never called
     ref, fast = _both(tiny_ckpt("olmoe"), corpus_jsonl, tmp_path, max_tokens=30, ctx=24, batch_size=2,
                       p_grid=[0.5], per_layer="1", ablate_layers="2", ablate_experts=[0])
     assert compare_tables(ref, fast) == []
