@@ -108,11 +108,14 @@ def cpu_inference(model: nn.Module) -> Iterator[bool]:
     experts = [m for m in model.modules() if _sorted_ok(m)]
     switch = (bool(experts) and previous is not None and hasattr(model, "set_experts_implementation")
               and _register_experts())
+    if switch:
+        try:
+            model.set_experts_implementation(SORTED_EXPERTS)
+        except (ValueError, RuntimeError, KeyError):  # a model that refuses the switch keeps its experts
+            switch = False
     for m in linears:
         m.forward = types.MethodType(_linear_forward, m)
     try:
-        if switch:
-            model.set_experts_implementation(SORTED_EXPERTS)
         yield bool(linears) or switch
     finally:
         for m in linears:
