@@ -2,10 +2,12 @@
 
     python bench/routing.py [--model DIR] [--tokens 512] [--batch-size 2] [--ablate-layers 1,4,7] [--repeats 1]
 
-Loads the model once, then runs ``analyze_routing`` with ``fast=False`` and ``fast=True`` on the same
-tokens in this process (alternating, ``--repeats`` times each; the best of each is kept), prints the
-wall and CPU time (``time.process_time``: less sensitive than wall time to other jobs on a shared
-machine) of each and their ratio, and checks that the tables agree within the tolerances of
+Loads the model once, then runs ``analyze_routing`` with ``fast=False`` (one full forward per
+override, stock kernels) and ``fast=True`` (blocks replayed from each override's first layer, on CPU
+with the kernels of ``routesae.models.cpu_inference``) on the same tokens in this process
+(alternating, ``--repeats`` times each; the best of each is kept), prints the wall and CPU time
+(``time.process_time``: less sensitive than wall time to other jobs on a shared machine) of each and
+their ratio, and checks that the tables agree within the tolerances of
 ``routesae.analyze.routing_tables.compare_tables`` (exit status 1 if not). Defaults: the demo MoE,
 512 validation tokens in batches of 2 x 256 (full contexts, so neither side computes unused rows),
 the by-layer view at every MoE layer and the ablation view at layers 1, 4, 7 (the command of the issue).
