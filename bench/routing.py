@@ -1,6 +1,7 @@
 """``analyze-routing``: the fast path against the reference (one full forward per override), side by side.
 
     python bench/routing.py [--model DIR] [--tokens 512] [--batch-size 2] [--ablate-layers 1,4,7] [--repeats 1]
+                            [--threads 1] [--malloc tuned|default]
 
 Loads the model once, then runs ``analyze_routing`` with ``fast=False`` (one full forward per
 override, stock kernels) and ``fast=True`` (blocks replayed from each override's first layer, on CPU
@@ -60,13 +61,19 @@ def main() -> None:
     ap.add_argument("--ablate-layers", default="1,4,7")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny matmuls, shared machine)")
+    ap.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                    help="tuned: glibc settings of the routesae command (routesae.malloc), for both paths")
     args = ap.parse_args()
 
     import torch
 
+    from routesae.malloc import tune_malloc
+
+    tuned = args.malloc == "tuned" and tune_malloc()
     torch.set_num_threads(args.threads)
     print(f"model {Path(args.model).name}, {args.tokens} tokens ({args.split}), batches of {args.batch_size} x "
-          f"{args.ctx}, ablate layers {args.ablate_layers}, {args.threads} thread(s); "
+          f"{args.ctx}, ablate layers {args.ablate_layers}, {args.threads} thread(s), malloc "
+          f"{'tuned' if tuned else 'default'}; "
           f"load average before {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
         r = bench(args.model, args.corpus, args.tokens, args.batch_size, args.ctx, args.ablate_layers, args.repeats,

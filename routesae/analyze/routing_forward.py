@@ -216,10 +216,12 @@ class FastForward(Forward):
         kls = torch.full((n,), float("nan"), device=x.device)
         ces = torch.full((n,), float("nan"), device=x.device)
         step = max(1, (2 ** 22 if x.device.type == "cpu" else 2 ** 25) // self.lp0.shape[-1])
+        buf = torch.empty(min(step, n), self.lp0.shape[-1], device=x.device) if kl else None
         for c in _chunks(want, step):
             lq = torch.log_softmax(self.lm_head(self.norm(x[c])).float(), -1)
-            if kl:
-                kls[c] = (self.p0[c] * (self.lp0[c] - lq)).sum(-1).clamp_min(0)
+            if kl:  # sum p0 (lp0 - lq) in one reused buffer: fresh [rows, V] temporaries cost page faults
+                d = torch.sub(self.lp0[c], lq, out=buf[:len(lq)])
+                kls[c] = d.mul_(self.p0[c]).sum(-1).clamp_min(0)
             ces[c] = -lq.gather(-1, self.tgt[c, None]).squeeze(-1)
         ces[~self.has_tgt] = float("nan")
         return kls.cpu().numpy(), ces.cpu().numpy()
