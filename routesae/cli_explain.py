@@ -141,10 +141,7 @@ def llm_serve(
         srv = LLMServer(ServeConfig(model=model, name=name, host=host, port=port, device=device, threads=threads))
     except (*USER_ERRORS, ModelLoadError, OSError) as exc:
         _fail(exc)
-    typer.echo(f"serving {srv.name} at {srv.url} (Ctrl-C stops)", nl=True)
-    import sys
-
-    sys.stdout.flush()
+    typer.echo(f"serving {srv.name} at {srv.url} (Ctrl-C stops)")  # click.echo flushes before serving blocks
     try:
         srv.serve_forever()
     except KeyboardInterrupt:

@@ -61,6 +61,30 @@ class CorpusConfig:
 
 
 @dataclass
+class CorpusPassConfig:
+    """A model run over packed contexts of a corpus: ``max_tokens`` real tokens of ``split`` in contexts
+    of ``ctx`` tokens, ``batch_size`` contexts per forward, tables into ``out``. The shared fields of the
+    analyses that run a model themselves (analyze-routing, the shared-expert analysis)."""
+
+    model: str
+    corpus: str
+    out: str
+    max_tokens: int = 16384
+    ctx: int = 256
+    batch_size: int = 8
+    split: str = "train"
+    text_field: str = "text"
+    domain_field: str = "domain"
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+    def corpus_config(self) -> CorpusConfig:
+        return CorpusConfig(self.corpus, self.text_field, self.domain_field, self.split, seed=self.seed)
+
+
+@dataclass
 class Document:
     doc_id: str
     text: str

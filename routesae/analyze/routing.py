@@ -40,7 +40,7 @@ from routesae.analyze.routing_forward import FastForward, Forward
 from routesae.analyze.routing_tables import DEFINITIONS, routing_tables
 from routesae.atomic import atomic_path, atomic_write_json
 from routesae.capture import token_rows, token_strings
-from routesae.corpus import ContextBuilder, CorpusConfig, iter_documents
+from routesae.corpus import ContextBuilder, CorpusPassConfig, iter_documents
 from routesae.layers import parse_layers
 from routesae.models.cpu_inference import cpu_inference
 from routesae.models.intervene import LayerPlan, RoutingOverride, scored_experts
@@ -59,31 +59,18 @@ class RoutingAnalysisError(ValueError):
 
 
 @dataclass
-class RoutingAnalysisConfig:
+class RoutingAnalysisConfig(CorpusPassConfig):
     """``k_grid``: default 1..k then 2k, 4k, ... and E. ``per_layer`` (the one-layer-at-a-time
     needed-experts view) and ``ablate_layers``: "all" MoE layers, "none", or a layer spec (3,5 / 2:4).
     ``ablate_experts``: the experts removed one at a time (default every routed expert)."""
 
-    model: str
-    corpus: str
-    out: str
-    max_tokens: int = 16384
-    ctx: int = 256
-    batch_size: int = 8
     k_grid: list[int] | None = None
     p_grid: list[float] = field(default_factory=lambda: list(P_GRID))
     eps: list[float] = field(default_factory=lambda: list(EPS_GRID))
     per_layer: str = ALL
     ablate_layers: str = ALL
     ablate_experts: list[int] | None = None
-    split: str = "train"
-    text_field: str = "text"
-    domain_field: str = "domain"
     packing: str = "pack"
-    seed: int = 0
-    dtype: str = "float32"
-    device: str = "auto"
-    trust_remote_code: bool = False
     progress: bool = True
 
 
@@ -194,7 +181,7 @@ def _collect(cfg: RoutingAnalysisConfig, model, tokenizer, adapter, grid: _Grid,
     """Per-batch arrays of every view (see routing_tables for their layout) and the tokens read."""
     from tqdm.auto import tqdm
 
-    docs = iter_documents(CorpusConfig(cfg.corpus, cfg.text_field, cfg.domain_field, cfg.split, seed=cfg.seed))
+    docs = iter_documents(cfg.corpus_config())
     builder = ContextBuilder(tokenizer, cfg.ctx, cfg.packing)
     token_text = token_strings(tokenizer, int(model.config.vocab_size))
     device = first_device(model)

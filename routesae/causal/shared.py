@@ -35,7 +35,7 @@ from torch import Tensor
 
 from routesae.atomic import atomic_path, atomic_write_json
 from routesae.causal.features import SteeringError
-from routesae.corpus import ContextBuilder, CorpusConfig, iter_documents
+from routesae.corpus import ContextBuilder, CorpusPassConfig, iter_documents
 from routesae.models.load import ModelConfig, first_device, load_model
 from routesae.models.routers import adapter_for
 
@@ -104,22 +104,8 @@ def token_metrics(parts: dict[str, Tensor]) -> dict[str, np.ndarray]:
 
 
 @dataclass
-class SharedConfig:
+class SharedConfig(CorpusPassConfig):
     """What to measure: ``model`` over ``corpus`` (``split``), ``max_tokens`` real tokens; tables into ``out``."""
-
-    model: str
-    corpus: str
-    out: str
-    max_tokens: int = 16384
-    ctx: int = 256
-    batch_size: int = 8
-    split: str = "train"
-    text_field: str = "text"
-    domain_field: str = "domain"
-    dtype: str = "float32"
-    device: str = "auto"
-    seed: int = 0
-    trust_remote_code: bool = False
 
 
 BUCKETS = [str(i) for i in range(8)] + ["8+"]
@@ -130,7 +116,7 @@ def shared_rows(model, tokenizer, cfg: SharedConfig) -> pd.DataFrame:
     """One row per (token, MoE layer): layer, domain, bucket and the metrics."""
     if cfg.max_tokens < 1:
         raise SteeringError(f"--max-tokens {cfg.max_tokens} must be positive")
-    docs = iter_documents(CorpusConfig(cfg.corpus, cfg.text_field, cfg.domain_field, cfg.split, seed=cfg.seed))
+    docs = iter_documents(cfg.corpus_config())
     builder = ContextBuilder(tokenizer, cfg.ctx, "pack")
     device, bos = first_device(model), getattr(tokenizer, "bos_token_id", None)
     frames, done = [], 0

@@ -179,10 +179,8 @@ def topk_encode_decode(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor,
 
 def encoder_preacts(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
     """``x @ W_enc + b_enc`` ``[N, M]`` in one pass (the dense half of the encoder): oneDNN's fused
-    linear on CPU in float32 (:mod:`routesae.onednn`), else ``torch.addmm``."""
-    if onednn.usable(x, W_enc, b_enc):
-        return onednn.linear(x, W_enc.t(), b_enc)
-    return torch.addmm(b_enc, x, W_enc)
+    linear on CPU in float32 (:mod:`routesae.onednn`), else ``F.linear`` (``torch.addmm``)."""
+    return onednn.linear(x, W_enc.t(), b_enc)
 
 
 def group_size(n_latents: int, k: int) -> int:
