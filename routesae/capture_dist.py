@@ -142,7 +142,9 @@ def _process_group(world: World) -> Iterator[Any]:
     elif dist.get_world_size() != world.size:
         raise CaptureError(f"the process group has {dist.get_world_size()} processes but WORLD_SIZE is {world.size}")
     try:
-        yield None if created else dist.new_group(backend="gloo", timeout=WAIT)
+        group = None if created else dist.new_group(backend="gloo", timeout=WAIT)
+        yield group
+        dist.barrier(group=group)  # nobody closes its connections while another rank still reads from them
     finally:
         if created:
             dist.destroy_process_group()

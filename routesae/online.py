@@ -73,7 +73,7 @@ from .sae import SparseAutoencoder
 from .store import MANIFEST, Store
 from .train import TrainConfig, check_run, device_name, rank_device, run_loop, start_run
 from .train_many import check_shared, check_sweep_out, run_many, selector, write_index
-from .train_setup import Dist, import_wandb
+from .train_setup import Dist, import_wandb, process_group
 
 log = logging.getLogger(__name__)
 SAMPLE_DIR = "sample_store"
@@ -315,14 +315,10 @@ def train_online(cfgs: list[TrainConfig], ocfg: OnlineConfig,
     if ocfg.sample_store < 0:
         raise ValueError(f"--sample-store {ocfg.sample_store} must be >= 0 tokens (0: no sample store)")
     dev_name = device_name(cfgs[0].device)
-    dist = Dist.from_env(cuda=dev_name.startswith("cuda"))
-    try:
+    with process_group(cuda=dev_name.startswith("cuda")) as dist:
         multi = len(cfgs) > 1
         root = Path(root) if root else Path(cfgs[0].out).parent if multi else Path(cfgs[0].out)
         return _train_online(cfgs, ocfg, dist, callback, dev_name, root, multi)
-    finally:
-        if dist.owned:
-            tdist.destroy_process_group()
 
 
 def _train_online(cfgs, ocfg: OnlineConfig, dist: Dist, callback, dev_name: str, root: Path, multi: bool

@@ -75,6 +75,7 @@ from .train_setup import (
     batches,
     import_wandb,
     initial_sae,
+    process_group,
     progress_bar,
     ranked,
     resolve,
@@ -217,12 +218,8 @@ def train(cfg: TrainConfig, callback: Callable[[int, SparseAutoencoder, dict], N
     """
     cfg.validate()
     dev_name = device_name(cfg.device)
-    dist = Dist.from_env(cuda=dev_name.startswith("cuda"))
-    try:
+    with process_group(cuda=dev_name.startswith("cuda")) as dist:
         return _train(cfg, dist, callback, dev_name)
-    finally:
-        if dist.owned:
-            tdist.destroy_process_group()
 
 
 def device_name(device: str) -> str:

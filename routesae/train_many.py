@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as tdist
 
 from .atomic import atomic_write_json
 from .run_guard import read_json_object
@@ -59,7 +58,7 @@ from .train import (
     run_loop,
     start_run,
 )
-from .train_setup import Dist, store_stream, verify_store
+from .train_setup import Dist, process_group, store_stream, verify_store
 
 log = logging.getLogger(__name__)
 INDEX = "runs.json"
@@ -229,12 +228,8 @@ def train_many(cfgs: list[TrainConfig], callback: Callable[[int, SparseAutoencod
     if len({c.store for c in cfgs}) > 1:
         raise ValueError("every SAE of one sweep reads the same store (internal error)")
     dev_name = device_name(cfgs[0].device)
-    dist = Dist.from_env(cuda=dev_name.startswith("cuda"))
-    try:
+    with process_group(cuda=dev_name.startswith("cuda")) as dist:
         return _train_many(cfgs, dist, callback, dev_name, Path(root) if root else Path(cfgs[0].out).parent, order)
-    finally:
-        if dist.owned:
-            tdist.destroy_process_group()
 
 
 def _train_many(cfgs, dist: Dist, callback, dev_name: str, root: Path, order: str) -> list[Path]:

@@ -8,6 +8,7 @@ one-line StoreErrors); ``Dist`` and ``sync_firing`` are the torch.distributed gl
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -52,6 +53,23 @@ class Dist:
         if self.world > 1:
             tdist.all_reduce(t)
         return t
+
+
+@contextlib.contextmanager
+def process_group(cuda: bool) -> Iterator[Dist]:
+    """This process's :class:`Dist`; a group it started is closed on exit, after every rank got there.
+
+    The closing barrier (on success only: a failed rank's peers learn of it from their next
+    collective) keeps a rank from tearing down connections another rank still reads from.
+    """
+    dist = Dist.from_env(cuda)
+    try:
+        yield dist
+        if dist.world > 1:
+            tdist.barrier(device_ids=[dist.local_rank] if tdist.get_backend() == "nccl" else None)
+    finally:
+        if dist.owned:
+            tdist.destroy_process_group()
 
 
 def one_line(e: BaseException) -> str:

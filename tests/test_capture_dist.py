@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from routesae.capture import CaptureConfig, capture
 from routesae.store import Store, StoreError
+from tests.ranks import spawn_ranks
 
 torch.set_num_threads(1)
 
@@ -22,17 +20,7 @@ class Stop(Exception):
     pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, cfg: CaptureConfig, record: str, stop_rank: int | None) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
-
+def _worker(rank: int, cfg: CaptureConfig, record: str, stop_rank: int | None) -> None:
     def on_shard(shard: dict) -> None:
         with open(f"{record}-{rank}", "a") as f:
             f.write(f"{shard['index']}\n")
@@ -43,7 +31,7 @@ def _worker(rank: int, world: int, port: int, cfg: CaptureConfig, record: str, s
 
 
 def _spawn(cfg: CaptureConfig, record: Path, stop_rank: int | None = None) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), cfg, str(record), stop_rank), nprocs=2, join=True)
+    spawn_ranks(_worker, (cfg, str(record), stop_rank), logs=record.with_name(record.name + "-logs"))
 
 
 def _cfg(ckpt, corpus, out, **kw) -> CaptureConfig:

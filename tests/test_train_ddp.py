@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from routesae.sae import load_sae
 from routesae.train import TrainConfig, train
+from tests.ranks import spawn_ranks
 from tests.test_train import make_store
 
 torch.set_num_threads(1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, cfg: TrainConfig) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
+def _worker(rank: int, cfg: TrainConfig) -> None:
     train(cfg)
 
 
@@ -39,7 +28,7 @@ def test_two_gloo_processes_equal_one(arch, tiny_ckpt, tmp_path):
     one = TrainConfig(out=str(tmp_path / "one"), **base)
     two = TrainConfig(out=str(tmp_path / "two"), **base)
     train(one)
-    mp.spawn(_worker, args=(2, _free_port(), two), nprocs=2, join=True)
+    spawn_ranks(_worker, (two,), logs=tmp_path / "logs")
 
     assert json.loads((tmp_path / "two" / "train_config.json").read_text())["resolved"]["world_size"] == 2
     a, b = load_sae(one.out).state_dict(), load_sae(two.out).state_dict()
@@ -56,12 +45,9 @@ def test_two_gloo_processes_equal_one(arch, tiny_ckpt, tmp_path):
     assert any(r["aux"] > 0 for r in ra)
 
 
-def _online_worker(rank: int, world: int, port: int, cfgs: list, ocfg) -> None:
+def _online_worker(rank: int, cfgs: list, ocfg) -> None:
     from routesae.online import train_online
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
     train_online(cfgs, ocfg)
 
 
@@ -83,7 +69,7 @@ def test_online_two_gloo_processes_equal_one(tiny_ckpt, tmp_path):
     two = expand_sweep(TrainConfig(out=str(tmp_path / "two"), **base), ["routesae", "topk"], [8], [None],
                        ["faithful"])
     train_online(one, ocfg)
-    mp.spawn(_online_worker, args=(2, _free_port(), two, ocfg), nprocs=2, join=True)
+    spawn_ranks(_online_worker, (two, ocfg), logs=tmp_path / "logs")
 
     for a_cfg, b_cfg in zip(one, two):
         a, b = load_sae(a_cfg.out).state_dict(), load_sae(b_cfg.out).state_dict()
