@@ -133,7 +133,11 @@ def rank_batches(builder: ContextBuilder, docs: Iterable[Document], batch_size: 
 
 @contextlib.contextmanager
 def _process_group(world: World) -> Iterator[Any]:
-    """A gloo group over the capture's processes (the default group, initialised here unless it was)."""
+    """A gloo group over the capture's processes (the default group, initialised here unless it was).
+
+    On success every rank meets a last barrier before the group is destroyed (as
+    :func:`routesae.train_setup.process_group` does for training); after a failure there is none.
+    """
     import torch.distributed as dist
 
     created = not dist.is_initialized()
