@@ -135,8 +135,9 @@ def rank_batches(builder: ContextBuilder, docs: Iterable[Document], batch_size: 
 def _process_group(world: World) -> Iterator[Any]:
     """A gloo group over the capture's processes (the default group, initialised here unless it was).
 
-    On success every rank meets a last barrier before the group is destroyed (as
-    :func:`routesae.train_setup.process_group` does for training); after a failure there is none.
+    On success every rank meets a last barrier before the group is destroyed: the last collective is
+    rank 0's one-way broadcast, and no rank should close its connections while another still reads
+    from them. After a failure there is none (the peers learn of it from their next collective).
     """
     import torch.distributed as dist
 

@@ -57,16 +57,15 @@ class Dist:
 
 @contextlib.contextmanager
 def process_group(cuda: bool) -> Iterator[Dist]:
-    """This process's :class:`Dist`; a group it started is closed on exit, after every rank got there.
+    """This process's :class:`Dist`; a group it started is destroyed on exit.
 
-    The closing barrier (on success only: a failed rank's peers learn of it from their next
-    collective) keeps a rank from tearing down connections another rank still reads from.
+    No closing barrier (unlike capture's group, routesae/capture_dist.py): after the last step rank 0
+    alone may still work for long (online training's ``--sample-store`` capture), longer than the
+    group's timeout, while the other ranks are done; torchrun waits for every process anyway.
     """
     dist = Dist.from_env(cuda)
     try:
         yield dist
-        if dist.world > 1:
-            tdist.barrier(device_ids=[dist.local_rank] if tdist.get_backend() == "nccl" else None)
     finally:
         if dist.owned:
             tdist.destroy_process_group()
