@@ -3,7 +3,7 @@ the progress bar and Weights & Biases.
 
 Split from routesae/train.py (the loop). ``resolve`` fills the defaults the module docstring of
 routesae/train.py lists; ``batches`` is the training stream (unreadable or non-finite rows become
-one-line StoreErrors); ``Dist`` and ``sync_firing`` are the torch.distributed glue.
+one-line StoreErrors); ``Dist``, ``process_group`` and ``sync_firing`` are the torch.distributed glue.
 """
 
 from __future__ import annotations
