@@ -22,6 +22,7 @@ LOG_TAIL = 4000  # characters of each rank's log in an error
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 free a moment ago (for rendezvous and test servers)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

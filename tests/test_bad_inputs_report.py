@@ -31,6 +31,7 @@ from routesae.cli import app
 from routesae.report import load_analysis
 from routesae.report.tables import csv_safe, csv_unescape, list_columns, read_csv_table, write_csv
 from tests.analysis_fixture import make_analysis
+from tests.ranks import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMULAS = ['=HYPERLINK("http://x","y")', "+1", "-2+3", "@SUM(A1)", "\tx", "\rx", "'=already", "''@twice"]
@@ -286,12 +287,6 @@ def test_folder_without_analysis(tmp_path, command, shape):
 # ---------------------------------------------------------------- 12: signals stop the streamlit server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -306,7 +301,7 @@ def test_signal_stops_streamlit_and_frees_the_port(tmp_path, sig):
     pytest.importorskip("streamlit")
     psutil = pytest.importorskip("psutil")
     run = make_analysis(tmp_path)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     log = open(tmp_path / "dashboard.log", "wb")
     # its own session, so that the test's SIGINT reaches routesae only, as it would from `kill -INT PID`

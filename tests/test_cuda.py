@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import socket
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch.distributed as tdist
 from routesae.recipe import DecoderConstraint
 from routesae.sae import SAEConfig, build_sae
 from routesae.sae.ops import standardize
+from tests.ranks import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -108,9 +108,7 @@ def test_bench_gpu_sae_part_on_cuda(tmp_path):
 @pytest.mark.skipif(not (torch.cuda.is_available() and tdist.is_available() and tdist.is_nccl_available()),
                     reason="needs CUDA: a GPU and a torch built with NCCL")
 def test_nccl_one_process():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     tdist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         assert tdist.get_backend() == "nccl" and tdist.get_world_size() == 1

@@ -14,6 +14,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 from routesae import dashboard  # noqa: E402
 from routesae.browser import Browser, find_chromium  # noqa: E402
 from tests.analysis_fixture import N_LATENTS, make_analysis  # noqa: E402
+from tests.ranks import free_port  # noqa: E402
 
 APP = Path(__file__).resolve().parents[1] / "dashboards" / "app.py"
 TIMEOUT = 60
@@ -318,7 +319,6 @@ def test_end_to_end_headless_chromium(run_with_model, tmp_path):
     """A real server (``routesae.dashboard.command``) and a real browser: pages, permalink, escaping, and text
     typed into the Token explorer run through a real (tiny, random) OLMoE and the run's RouteSAE."""
     import os
-    import socket
     import subprocess
     import time
     import urllib.request
@@ -327,9 +327,7 @@ def test_end_to_end_headless_chromium(run_with_model, tmp_path):
 
     pytest.importorskip("websockets")
     run, ckpt = run_with_model
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, dashboard.RUN_ENV: str(run)}
     server = subprocess.Popen(dashboard.command(run, port=port), env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
